@@ -1,0 +1,10 @@
+//! settlement-wal: a durability engine for trade settlement.
+//!
+//! Every trade is first made durable in an application write-ahead log ([`wal`]); a fast
+//! UNLOGGED batch to ScyllaDB/Cassandra follows, then a commit marker; a recovery pass at start-up
+//! finishes whatever a crash interrupted, without ever applying a trade twice. See
+//! `ARCHITECTURE.md` (promises P1-P7) and `wal-format.md` (the bytes on disk).
+
+#![deny(missing_docs)]
+
+pub mod wal;

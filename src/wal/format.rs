@@ -1,0 +1,533 @@
+//! The on-disk format of the write-ahead log: the only module that knows byte offsets.
+//!
+//! `wal-format.md` at the top of the repository describes the same layout for humans; the test
+//! `tests/format_doc.rs` checks that the encoder still produces the bytes printed there.
+//!
+//! A segment file is a 64-byte [`SegmentHeader`] followed by records, each 8-byte aligned:
+//!
+//! ```text
+//! record header (24 bytes)        payload              padding
+//! +------+----+-----+-----+-----+-----+------------------+---------+
+//! | len  |type|flags| rsv | lsn | crc | payload (len B)  | 0..7 x 0|
+//! | u32  | u8 | u8  | u16 | u64 | u32 |                  |         |
+//! +------+----+-----+-----+-----+-----+------------------+---------+
+//!   0     4    5     6     8     16/20 -> see RECORD_* constants
+//! ```
+//!
+//! All integers are little-endian. The record checksum is CRC32 (Castagnoli is not used; this is
+//! the IEEE polynomial of `crc32fast`) over `salt (8 bytes) || header bytes 0..20 || payload`,
+//! where `salt` is the random per-segment value stored in the segment header. Bytes of an older
+//! file, or of another segment, therefore never validate in this one.
+
+use serde::{Deserialize, Serialize};
+
+/// A log sequence number. Every record (entry, commit marker or checkpoint) takes the next one;
+/// LSNs are dense and strictly increasing across segments and restarts.
+pub type Lsn = u64;
+
+/// Magic bytes at offset 0 of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"SWALSEG\0";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the segment header; the first record starts here.
+pub const SEGMENT_HEADER_SIZE_BYTES: usize = 64;
+/// Size of a record header.
+pub const RECORD_HEADER_SIZE_BYTES: usize = 24;
+/// Records start at offsets that are multiples of this.
+pub const RECORD_ALIGNMENT_BYTES: usize = 8;
+/// Hard limit on a record payload, enforced on write and on read: a corrupt length field can never
+/// make a reader allocate or read more than this.
+pub const MAX_PAYLOAD_SIZE_BYTES: usize = 64 * 1024;
+/// Largest possible record on disk (header + maximal payload + padding).
+pub const MAX_RECORD_SIZE_BYTES: usize =
+    align_up(RECORD_HEADER_SIZE_BYTES + MAX_PAYLOAD_SIZE_BYTES);
+/// Smallest allowed segment: room for the header and at least two maximal records.
+pub const MIN_SEGMENT_SIZE_BYTES: u64 = 256 * 1024;
+/// Largest allowed segment (offsets are kept in `u32`s).
+pub const MAX_SEGMENT_SIZE_BYTES: u64 = 1 << 30;
+/// Default segment size.
+pub const DEFAULT_SEGMENT_SIZE_BYTES: u64 = 64 * 1024 * 1024;
+
+const _: () = assert!(
+    MIN_SEGMENT_SIZE_BYTES as usize >= SEGMENT_HEADER_SIZE_BYTES + 2 * MAX_RECORD_SIZE_BYTES
+);
+const _: () = assert!(SEGMENT_HEADER_SIZE_BYTES % RECORD_ALIGNMENT_BYTES == 0);
+const _: () = assert!(RECORD_HEADER_SIZE_BYTES % RECORD_ALIGNMENT_BYTES == 0);
+
+// Segment header field offsets.
+const SH_MAGIC: usize = 0;
+const SH_VERSION: usize = 8;
+const SH_HEADER_SIZE: usize = 12;
+const SH_FIRST_LSN: usize = 16;
+const SH_SALT: usize = 24;
+const SH_SEGMENT_SIZE: usize = 32;
+const SH_CRC: usize = 60;
+
+// Record header field offsets.
+const RH_LEN: usize = 0;
+const RH_TYPE: usize = 4;
+const RH_FLAGS: usize = 5;
+const RH_RESERVED16: usize = 6;
+const RH_LSN: usize = 8;
+const RH_RESERVED32: usize = 16;
+const RH_CRC: usize = 20;
+/// Bytes of the record header covered by the checksum (everything before the CRC field).
+const RH_CHECKSUMMED: usize = 20;
+
+/// Rounds `n` up to the record alignment.
+pub const fn align_up(n: usize) -> usize {
+    (n + RECORD_ALIGNMENT_BYTES - 1) / RECORD_ALIGNMENT_BYTES * RECORD_ALIGNMENT_BYTES
+}
+
+/// On-disk size of a record whose payload is `payload_len` bytes.
+pub const fn record_size(payload_len: usize) -> usize {
+    align_up(RECORD_HEADER_SIZE_BYTES + payload_len)
+}
+
+/// The file name of the segment whose first LSN is `first_lsn`. Zero-padded so that name order is
+/// LSN order.
+pub fn segment_file_name(first_lsn: Lsn) -> String {
+    format!("{first_lsn:020}.wal")
+}
+
+/// Parses a segment file name back into its first LSN; `None` for any other file name.
+pub fn parse_segment_file_name(name: &str) -> Option<Lsn> {
+    let digits = name.strip_suffix(".wal")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The kind of a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RecordType {
+    /// An application entry (for settlement: one event with its balance post-images).
+    Entry = 1,
+    /// A commit marker: every entry in an inclusive LSN range took effect in the store.
+    Commit = 2,
+    /// A checkpoint: every entry at or below a watermark is committed.
+    Checkpoint = 3,
+}
+
+impl RecordType {
+    /// Decodes the type byte.
+    pub fn from_byte(byte: u8) -> Option<RecordType> {
+        match byte {
+            1 => Some(RecordType::Entry),
+            2 => Some(RecordType::Commit),
+            3 => Some(RecordType::Checkpoint),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name, as printed by tools.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordType::Entry => "entry",
+            RecordType::Commit => "commit",
+            RecordType::Checkpoint => "checkpoint",
+        }
+    }
+}
+
+/// Payload of a [`RecordType::Commit`] record: entries `first_lsn..=last_lsn` are committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitPayload {
+    /// First committed LSN (inclusive).
+    pub first_lsn: Lsn,
+    /// Last committed LSN (inclusive).
+    pub last_lsn: Lsn,
+}
+
+/// Payload of a [`RecordType::Checkpoint`] record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointPayload {
+    /// Every entry with an LSN at or below this is committed.
+    pub committed_watermark: Lsn,
+    /// The first LSN still kept in the WAL directory after this checkpoint removed older segments.
+    pub first_retained_lsn: Lsn,
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_fixed_int_encoding()
+        .with_little_endian()
+        .with_limit::<MAX_PAYLOAD_SIZE_BYTES>()
+}
+
+/// Encodes a serde value the way every WAL payload is encoded: bincode 2, fixed-width integers,
+/// little-endian.
+pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    bincode::serde::encode_to_vec(value, bincode_config())
+}
+
+/// Decodes a payload written by [`encode_payload`]; trailing bytes are an error.
+pub fn decode_payload<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, bincode_config())
+        .map_err(|e| e.to_string())?;
+    if used != bytes.len() {
+        return Err(format!(
+            "{} trailing bytes after the payload",
+            bytes.len() - used
+        ));
+    }
+    Ok(value)
+}
+
+/// The decoded segment header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// LSN of the first record this segment holds (or will hold).
+    pub first_lsn: Lsn,
+    /// Random per-segment value mixed into every record checksum.
+    pub salt: u64,
+    /// File size at creation (the file is preallocated to exactly this).
+    pub segment_size_bytes: u64,
+}
+
+/// Why a segment header was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderError {
+    /// Fewer than [`SEGMENT_HEADER_SIZE_BYTES`] bytes.
+    Truncated {
+        /// How many bytes there were.
+        len_bytes: usize,
+    },
+    /// The magic bytes are wrong: not a segment of ours at all.
+    BadMagic,
+    /// A format version this build does not read.
+    UnsupportedVersion {
+        /// The version found.
+        found: u32,
+    },
+    /// The header checksum does not match.
+    ChecksumMismatch {
+        /// Stored value.
+        stored: u32,
+        /// Value computed over the header.
+        computed: u32,
+    },
+    /// A field has an impossible value.
+    BadField {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderError::Truncated { len_bytes } => write!(
+                f,
+                "segment header truncated: {len_bytes} of {SEGMENT_HEADER_SIZE_BYTES} bytes"
+            ),
+            HeaderError::BadMagic => write!(f, "bad magic (not a settlement-wal segment)"),
+            HeaderError::UnsupportedVersion { found } => write!(
+                f,
+                "format version {found} is not supported (this build reads version {FORMAT_VERSION})"
+            ),
+            HeaderError::ChecksumMismatch { stored, computed } => write!(
+                f,
+                "segment header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+            ),
+            HeaderError::BadField { reason } => write!(f, "segment header: {reason}"),
+        }
+    }
+}
+
+impl SegmentHeader {
+    /// Encodes the header into exactly [`SEGMENT_HEADER_SIZE_BYTES`] bytes.
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_SIZE_BYTES] {
+        let mut b = [0u8; SEGMENT_HEADER_SIZE_BYTES];
+        b[SH_MAGIC..SH_MAGIC + 8].copy_from_slice(&SEGMENT_MAGIC);
+        b[SH_VERSION..SH_VERSION + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[SH_HEADER_SIZE..SH_HEADER_SIZE + 4]
+            .copy_from_slice(&(SEGMENT_HEADER_SIZE_BYTES as u32).to_le_bytes());
+        b[SH_FIRST_LSN..SH_FIRST_LSN + 8].copy_from_slice(&self.first_lsn.to_le_bytes());
+        b[SH_SALT..SH_SALT + 8].copy_from_slice(&self.salt.to_le_bytes());
+        b[SH_SEGMENT_SIZE..SH_SEGMENT_SIZE + 8]
+            .copy_from_slice(&self.segment_size_bytes.to_le_bytes());
+        let crc = crc32fast::hash(&b[..SH_CRC]);
+        b[SH_CRC..SH_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and verifies a header from the start of `bytes`.
+    pub fn decode(bytes: &[u8]) -> Result<SegmentHeader, HeaderError> {
+        if bytes.len() < SEGMENT_HEADER_SIZE_BYTES {
+            // A short file that starts with our magic is a truncated segment; anything else is foreign.
+            let n = bytes.len().min(8);
+            if bytes[..n] != SEGMENT_MAGIC[..n] || n == 0 {
+                return Err(if n == 0 {
+                    HeaderError::Truncated { len_bytes: 0 }
+                } else {
+                    HeaderError::BadMagic
+                });
+            }
+            return Err(HeaderError::Truncated {
+                len_bytes: bytes.len(),
+            });
+        }
+        let b = &bytes[..SEGMENT_HEADER_SIZE_BYTES];
+        if b[SH_MAGIC..SH_MAGIC + 8] != SEGMENT_MAGIC {
+            return Err(HeaderError::BadMagic);
+        }
+        let stored = read_u32(b, SH_CRC);
+        let computed = crc32fast::hash(&b[..SH_CRC]);
+        if stored != computed {
+            return Err(HeaderError::ChecksumMismatch { stored, computed });
+        }
+        let version = read_u32(b, SH_VERSION);
+        if version != FORMAT_VERSION {
+            return Err(HeaderError::UnsupportedVersion { found: version });
+        }
+        let header_size = read_u32(b, SH_HEADER_SIZE) as usize;
+        if header_size != SEGMENT_HEADER_SIZE_BYTES {
+            return Err(HeaderError::BadField {
+                reason: format!("header size {header_size}, expected {SEGMENT_HEADER_SIZE_BYTES}"),
+            });
+        }
+        let segment_size_bytes = read_u64(b, SH_SEGMENT_SIZE);
+        if !(MIN_SEGMENT_SIZE_BYTES..=MAX_SEGMENT_SIZE_BYTES).contains(&segment_size_bytes)
+            || segment_size_bytes % RECORD_ALIGNMENT_BYTES as u64 != 0
+        {
+            return Err(HeaderError::BadField {
+                reason: format!("segment size {segment_size_bytes} bytes is out of range"),
+            });
+        }
+        if b[40..SH_CRC].iter().any(|&x| x != 0) {
+            return Err(HeaderError::BadField {
+                reason: "reserved bytes 40..60 are not zero".into(),
+            });
+        }
+        Ok(SegmentHeader {
+            first_lsn: read_u64(b, SH_FIRST_LSN),
+            salt: read_u64(b, SH_SALT),
+            segment_size_bytes,
+        })
+    }
+
+    /// The checksum state every record of this segment starts from.
+    pub fn record_hasher(&self) -> crc32fast::Hasher {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&self.salt.to_le_bytes());
+        h
+    }
+}
+
+fn read_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn read_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Builds the 24-byte header of a record and returns it with the record checksum filled in.
+pub fn encode_record_header(
+    hasher: &crc32fast::Hasher,
+    record_type: RecordType,
+    lsn: Lsn,
+    payload: &[u8],
+) -> [u8; RECORD_HEADER_SIZE_BYTES] {
+    assert!(
+        !payload.is_empty(),
+        "a record payload is never empty (zero length marks the end)"
+    );
+    assert!(
+        payload.len() <= MAX_PAYLOAD_SIZE_BYTES,
+        "payload over the record limit"
+    );
+    let mut h = [0u8; RECORD_HEADER_SIZE_BYTES];
+    h[RH_LEN..RH_LEN + 4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[RH_TYPE] = record_type as u8;
+    h[RH_LSN..RH_LSN + 8].copy_from_slice(&lsn.to_le_bytes());
+    let mut crc = hasher.clone();
+    crc.update(&h[..RH_CHECKSUMMED]);
+    crc.update(payload);
+    h[RH_CRC..RH_CRC + 4].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
+}
+
+/// Encodes a whole record (header, payload, zero padding) into a new buffer. The writer writes
+/// the same bytes straight into the mapped segment; this helper is for tests and tools.
+pub fn encode_record(
+    hasher: &crc32fast::Hasher,
+    record_type: RecordType,
+    lsn: Lsn,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = vec![0u8; record_size(payload.len())];
+    out[..RECORD_HEADER_SIZE_BYTES].copy_from_slice(&encode_record_header(
+        hasher,
+        record_type,
+        lsn,
+        payload,
+    ));
+    out[RECORD_HEADER_SIZE_BYTES..RECORD_HEADER_SIZE_BYTES + payload.len()]
+        .copy_from_slice(payload);
+    out
+}
+
+/// A record that passed every check, borrowed from the segment bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordView<'a> {
+    /// Byte offset of the record header in its segment.
+    pub offset: usize,
+    /// The record's type.
+    pub record_type: RecordType,
+    /// The record's LSN.
+    pub lsn: Lsn,
+    /// The payload bytes.
+    pub payload: &'a [u8],
+    /// Total on-disk size including header and padding.
+    pub size_bytes: usize,
+}
+
+/// Why the bytes at an offset are not a valid record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordError {
+    /// The header or the payload runs past the end of the segment bytes.
+    Truncated {
+        /// Bytes the record claims to need.
+        needed_bytes: usize,
+        /// Bytes available.
+        available_bytes: usize,
+    },
+    /// The length field exceeds [`MAX_PAYLOAD_SIZE_BYTES`].
+    LengthTooLarge {
+        /// The length field's value.
+        len_bytes: u32,
+    },
+    /// Zero length, but other header bytes are set: a partly written header.
+    ZeroLengthNotEmpty,
+    /// An unknown record type byte.
+    BadType {
+        /// The byte found.
+        found: u8,
+    },
+    /// Flags or reserved bytes are not zero.
+    NonZeroReserved,
+    /// The checksum does not match.
+    ChecksumMismatch {
+        /// Stored checksum.
+        stored: u32,
+        /// Computed checksum.
+        computed: u32,
+    },
+    /// Padding after the payload is not zero.
+    NonZeroPadding,
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordError::Truncated {
+                needed_bytes,
+                available_bytes,
+            } => write!(
+                f,
+                "record truncated: needs {needed_bytes} bytes, {available_bytes} left in the segment"
+            ),
+            RecordError::LengthTooLarge { len_bytes } => write!(
+                f,
+                "record length {len_bytes} exceeds the limit of {MAX_PAYLOAD_SIZE_BYTES} bytes"
+            ),
+            RecordError::ZeroLengthNotEmpty => {
+                write!(f, "zero length field but the rest of the record header is not zero")
+            }
+            RecordError::BadType { found } => write!(f, "unknown record type {found}"),
+            RecordError::NonZeroReserved => write!(f, "reserved header bytes are not zero"),
+            RecordError::ChecksumMismatch { stored, computed } => write!(
+                f,
+                "record checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+            ),
+            RecordError::NonZeroPadding => write!(f, "padding after the payload is not zero"),
+        }
+    }
+}
+
+/// What is at an offset of a segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// A valid record.
+    Record(RecordView<'a>),
+    /// A zero record header (or zero bytes to the end of the segment): the end of the log here.
+    End,
+    /// Not a valid record.
+    Invalid(RecordError),
+}
+
+/// Decodes the record starting at `offset` of `segment` (the whole segment's bytes). Never
+/// panics and never reads outside `segment` or more than [`MAX_RECORD_SIZE_BYTES`] past `offset`.
+pub fn decode_record<'a>(
+    segment: &'a [u8],
+    offset: usize,
+    hasher: &crc32fast::Hasher,
+) -> Decoded<'a> {
+    let available = segment.len().saturating_sub(offset);
+    if available < RECORD_HEADER_SIZE_BYTES {
+        let rest = segment.get(offset..).unwrap_or(&[]);
+        return if rest.iter().all(|&b| b == 0) {
+            Decoded::End
+        } else {
+            Decoded::Invalid(RecordError::Truncated {
+                needed_bytes: RECORD_HEADER_SIZE_BYTES,
+                available_bytes: available,
+            })
+        };
+    }
+    let h = &segment[offset..offset + RECORD_HEADER_SIZE_BYTES];
+    let len = read_u32(h, RH_LEN);
+    if len == 0 {
+        return if h.iter().all(|&b| b == 0) {
+            Decoded::End
+        } else {
+            Decoded::Invalid(RecordError::ZeroLengthNotEmpty)
+        };
+    }
+    if len as usize > MAX_PAYLOAD_SIZE_BYTES {
+        return Decoded::Invalid(RecordError::LengthTooLarge { len_bytes: len });
+    }
+    let Some(record_type) = RecordType::from_byte(h[RH_TYPE]) else {
+        return Decoded::Invalid(RecordError::BadType { found: h[RH_TYPE] });
+    };
+    if h[RH_FLAGS] != 0
+        || h[RH_RESERVED16..RH_RESERVED16 + 2] != [0, 0]
+        || h[RH_RESERVED32..RH_RESERVED32 + 4] != [0, 0, 0, 0]
+    {
+        return Decoded::Invalid(RecordError::NonZeroReserved);
+    }
+    let size = record_size(len as usize);
+    if size > available {
+        return Decoded::Invalid(RecordError::Truncated {
+            needed_bytes: size,
+            available_bytes: available,
+        });
+    }
+    let payload_start = offset + RECORD_HEADER_SIZE_BYTES;
+    let payload = &segment[payload_start..payload_start + len as usize];
+    let stored = read_u32(h, RH_CRC);
+    let mut crc = hasher.clone();
+    crc.update(&h[..RH_CHECKSUMMED]);
+    crc.update(payload);
+    let computed = crc.finalize();
+    if stored != computed {
+        return Decoded::Invalid(RecordError::ChecksumMismatch { stored, computed });
+    }
+    if segment[payload_start + len as usize..offset + size]
+        .iter()
+        .any(|&b| b != 0)
+    {
+        return Decoded::Invalid(RecordError::NonZeroPadding);
+    }
+    Decoded::Record(RecordView {
+        offset,
+        record_type,
+        lsn: read_u64(h, RH_LSN),
+        payload,
+        size_bytes: size,
+    })
+}

@@ -1,0 +1,176 @@
+//! Read-only inspection of a WAL directory: no lock, no repair, and it works on a corrupt WAL
+//! (it reports the problem and still describes everything it can read).
+
+use std::path::{Path, PathBuf};
+
+use super::error::{Result, WalError};
+use super::format::{Lsn, RecordType, RecordView};
+use super::fs::OsFs;
+use super::scan::{self, TailState};
+use super::segment::Segment;
+use super::tracker::Tracker;
+
+/// Records of one segment by type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordCounts {
+    /// Entry records.
+    pub entries: u64,
+    /// Commit markers.
+    pub commits: u64,
+    /// Checkpoint records.
+    pub checkpoints: u64,
+}
+
+/// One segment as inspected.
+#[derive(Clone, Debug)]
+pub struct SegmentInfo {
+    /// The segment file.
+    pub path: PathBuf,
+    /// First LSN, from the file name.
+    pub first_lsn: Lsn,
+    /// LSN of the last valid record, if any.
+    pub last_lsn: Option<Lsn>,
+    /// Valid records by type.
+    pub counts: RecordCounts,
+    /// Bytes from the start of the file to the end of the last valid record.
+    pub used_bytes: u64,
+    /// File size on disk.
+    pub file_size_bytes: u64,
+    /// How the segment's log ends (for a bad header: `Corrupt` at offset 0).
+    pub tail: TailState,
+}
+
+/// A read-only view of a whole WAL directory.
+#[derive(Clone, Debug)]
+pub struct Inspection {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Segments in LSN order.
+    pub segments: Vec<SegmentInfo>,
+    /// The first problem, as `(file, state)`: a torn tail (which opening for writing would cut) or
+    /// corruption (which makes opening for writing fail). `None` when the WAL is clean.
+    pub problem: Option<(PathBuf, TailState)>,
+    /// Every entry at or below this LSN is committed (over the consistent prefix).
+    pub committed_watermark: Lsn,
+    /// Entries without a commit marker (over the consistent prefix before any problem).
+    pub pending: Vec<Lsn>,
+    /// The LSN after the consistent prefix.
+    pub next_lsn: Lsn,
+}
+
+impl Inspection {
+    /// True when neither a torn tail nor corruption was found.
+    pub fn is_clean(&self) -> bool {
+        self.problem.is_none()
+    }
+
+    /// True when the only problem is a torn tail (repairable by opening for writing).
+    pub fn is_torn_only(&self) -> bool {
+        matches!(self.problem, Some((_, TailState::Torn { .. })))
+    }
+}
+
+/// Inspects the WAL in `dir` read-only. See [`inspect_with`].
+pub fn inspect(dir: &Path) -> Result<Inspection> {
+    inspect_with(dir, &mut |_, _| {})
+}
+
+/// Inspects the WAL in `dir` read-only, handing every valid record to `visit` with its file, in
+/// order. Fails only when `dir` cannot be read or is not a WAL directory at all; damage inside
+/// segments is described in the result instead.
+pub fn inspect_with(
+    dir: &Path,
+    visit: &mut dyn FnMut(&Path, &RecordView<'_>),
+) -> Result<Inspection> {
+    let listing = scan::list_dir(dir)?;
+    if listing.segments.is_empty() {
+        return Err(WalError::NotAWal {
+            path: dir.to_path_buf(),
+            what: "directory",
+            reason: "it holds no WAL segment files (<20 digits>.wal)".into(),
+        });
+    }
+    let count = listing.segments.len();
+    let mut tracker = Tracker::default();
+    let mut segments = Vec::with_capacity(count);
+    let mut problem: Option<(PathBuf, TailState)> = None;
+    let mut next_lsn: Option<Lsn> = None;
+    for (i, (first_lsn, path)) in listing.segments.iter().enumerate() {
+        let is_newest = i + 1 == count;
+        let file_size_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let mut info = SegmentInfo {
+            path: path.clone(),
+            first_lsn: *first_lsn,
+            last_lsn: None,
+            counts: RecordCounts::default(),
+            used_bytes: 0,
+            file_size_bytes,
+            tail: TailState::Clean,
+        };
+        let seg = match Segment::open(&OsFs, path, *first_lsn, false) {
+            Ok(seg) => seg,
+            Err(e) => {
+                info.tail = TailState::Corrupt {
+                    offset: 0,
+                    expected_lsn: next_lsn.unwrap_or(*first_lsn),
+                    reason: e.to_string(),
+                };
+                problem.get_or_insert((path.clone(), info.tail.clone()));
+                segments.push(info);
+                continue;
+            }
+        };
+        let consistent = problem.is_none();
+        if consistent {
+            if let Some(expected) = next_lsn {
+                if expected != *first_lsn {
+                    problem = Some((
+                        path.clone(),
+                        TailState::Corrupt {
+                            offset: 0,
+                            expected_lsn: expected,
+                            reason: format!(
+                                "LSN gap between segments: this segment starts at LSN {first_lsn}, the previous one ends before LSN {expected}"
+                            ),
+                        },
+                    ));
+                }
+            }
+        }
+        let feed = problem.is_none();
+        let mut counts = RecordCounts::default();
+        let result = scan::scan_segment(&seg, is_newest, &mut |r| {
+            match r.record_type {
+                RecordType::Entry => counts.entries += 1,
+                RecordType::Commit => counts.commits += 1,
+                RecordType::Checkpoint => counts.checkpoints += 1,
+            }
+            visit(path, r);
+            if feed {
+                tracker.apply(*first_lsn, r)
+            } else {
+                Ok(())
+            }
+        });
+        info.counts = counts;
+        info.used_bytes = result.end_offset as u64;
+        info.last_lsn = (result.records > 0).then(|| result.next_lsn - 1);
+        info.tail = result.tail.clone();
+        if feed {
+            next_lsn = Some(result.next_lsn);
+        }
+        if result.tail != TailState::Clean {
+            problem.get_or_insert((path.clone(), result.tail));
+        }
+        segments.push(info);
+    }
+    let next_lsn = next_lsn.unwrap_or(listing.segments[0].0);
+    Ok(Inspection {
+        dir: dir.to_path_buf(),
+        segments,
+        problem,
+        committed_watermark: tracker.watermark(next_lsn),
+        pending: tracker.pending().map(|(lsn, _, _)| lsn).collect(),
+        next_lsn,
+    })
+}

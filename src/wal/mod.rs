@@ -1,0 +1,802 @@
+//! The application write-ahead log.
+//!
+//! A WAL is a directory of preallocated, memory-mapped segment files (`<first LSN>.wal`, 20
+//! digits, so name order is LSN order). Records are checksummed and salted with their segment's
+//! identity (layout: [`format`], and `wal-format.md`). The API:
+//!
+//! - [`Wal::open`] takes the directory's writer lock and runs the recovery scan: every checksum
+//!   is verified, a torn tail is cut (and logged), anything else is a [`WalError::Corrupt`].
+//! - [`Wal::append`] / [`Wal::append_batch`] copy entries into the mapping and return their
+//!   LSNs; [`Wal::sync`] is the durability barrier. Concurrent callers of [`Wal::sync`] and
+//!   [`Wal::append_durable`] share syncs (group commit with a leader/follower barrier).
+//! - [`Wal::commit`] / [`Wal::commit_range`] write commit markers (not synced on their own: a
+//!   lost marker only causes a harmless re-verification at recovery).
+//! - [`Wal::pending`] yields the entries without a marker, in LSN order.
+//! - [`Wal::checkpoint`] removes (or archives) segments whose entries are all committed.
+//! - [`inspect`] is the read-only view for tools: no lock, no repair, works on a corrupt WAL.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), settlement_wal::wal::WalError> {
+//! use settlement_wal::wal::{Wal, WalOptions};
+//! let wal = Wal::open("./data/wal".as_ref(), WalOptions::default())?;
+//! let first = wal.append(b"event 1")?;
+//! let last = wal.append(b"event 2")?;
+//! wal.sync()?; // both entries are durable now
+//! // ... apply them to the store, then:
+//! wal.commit_range(first, last)?;
+//! for entry in wal.pending()? {
+//!     println!("still pending: {}", entry.lsn);
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod format;
+pub mod fs;
+mod inspect;
+mod scan;
+mod segment;
+mod tracker;
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+pub use error::{Result, WalError};
+pub use format::{Lsn, RecordType, MAX_PAYLOAD_SIZE_BYTES};
+pub use fs::{OsFs, WalFs};
+pub use inspect::{inspect, inspect_with, Inspection, RecordCounts, SegmentInfo};
+pub use scan::{TailState, ARCHIVE_DIR_NAME, LOCK_FILE_NAME};
+
+use format::{
+    encode_payload, encode_record_header, record_size, CheckpointPayload, CommitPayload,
+    DEFAULT_SEGMENT_SIZE_BYTES, MAX_SEGMENT_SIZE_BYTES, MIN_SEGMENT_SIZE_BYTES,
+    RECORD_ALIGNMENT_BYTES, RECORD_HEADER_SIZE_BYTES, SEGMENT_HEADER_SIZE_BYTES,
+};
+use segment::Segment;
+use tracker::Tracker;
+
+/// Most records one [`Wal::append_batch`] call may carry.
+pub const MAX_BATCH_RECORDS: usize = 64 * 1024;
+
+/// What happens to a segment once every entry in it (and in all older ones) is committed.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Retention {
+    /// Delete it (the default).
+    #[default]
+    Delete,
+    /// Keep the newest N such segments, delete older ones.
+    KeepLast(usize),
+    /// Move it into this directory (relative paths are relative to the WAL directory); it must be
+    /// on the same file system.
+    Archive(PathBuf),
+}
+
+/// Options for [`Wal::open`].
+#[derive(Clone, Debug)]
+pub struct WalOptions {
+    segment_size_bytes: u64,
+    retention: Retention,
+    fs: Arc<dyn WalFs>,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_size_bytes: DEFAULT_SEGMENT_SIZE_BYTES,
+            retention: Retention::Delete,
+            fs: Arc::new(OsFs),
+        }
+    }
+}
+
+impl WalOptions {
+    /// Size of each new segment file (default 64 MiB; between 256 KiB and 1 GiB, a multiple of 8).
+    pub fn segment_size_bytes(mut self, size_bytes: u64) -> Self {
+        self.segment_size_bytes = size_bytes;
+        self
+    }
+
+    /// What [`Wal::checkpoint`] does with fully committed segments.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// The file-system layer (tests inject faults through it).
+    pub fn fs(mut self, fs: Arc<dyn WalFs>) -> Self {
+        self.fs = fs;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        let s = self.segment_size_bytes;
+        if !(MIN_SEGMENT_SIZE_BYTES..=MAX_SEGMENT_SIZE_BYTES).contains(&s)
+            || s % RECORD_ALIGNMENT_BYTES as u64 != 0
+        {
+            return Err(WalError::InvalidOptions(format!(
+                "segment_size_bytes {s} must be a multiple of {RECORD_ALIGNMENT_BYTES} between {MIN_SEGMENT_SIZE_BYTES} and {MAX_SEGMENT_SIZE_BYTES}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An entry that has no commit marker yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingEntry {
+    /// The entry's LSN.
+    pub lsn: Lsn,
+    /// The payload as appended.
+    pub payload: Vec<u8>,
+}
+
+/// A torn tail that opening the WAL cut off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    /// The segment file.
+    pub path: PathBuf,
+    /// Offset of the first byte that was cut.
+    pub offset: u64,
+    /// How many bytes were zeroed.
+    pub zeroed_bytes: u64,
+    /// What was found at the cut.
+    pub reason: String,
+}
+
+/// What [`Wal::open`]'s recovery scan found and did.
+#[derive(Clone, Debug, Default)]
+pub struct OpenReport {
+    /// Segment files scanned.
+    pub segments: usize,
+    /// Valid records scanned.
+    pub records: u64,
+    /// Bytes of valid records scanned (headers included).
+    pub record_bytes: u64,
+    /// Entries with no commit marker after the scan.
+    pub pending: usize,
+    /// The torn tail that was cut, if any.
+    pub torn_tail: Option<TornTail>,
+    /// Temporary files of interrupted segment creations that were removed.
+    pub removed_temp_files: Vec<PathBuf>,
+    /// The LSN the next record gets.
+    pub next_lsn: Lsn,
+    /// Wall time of the scan and repair.
+    pub duration: Duration,
+}
+
+/// Counters since open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// Records appended (entries, markers and checkpoints).
+    pub records_appended: u64,
+    /// Bytes appended (headers and padding included).
+    pub bytes_appended: u64,
+    /// Durability syncs issued (msync calls of a dirty range).
+    pub syncs: u64,
+    /// Segments created.
+    pub segments_created: u64,
+    /// Segments removed or archived by checkpoints.
+    pub segments_removed: u64,
+}
+
+/// What [`Wal::checkpoint`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointReport {
+    /// Every entry at or below this LSN is committed.
+    pub committed_watermark: Lsn,
+    /// Segment files removed (or moved to the archive).
+    pub removed: Vec<PathBuf>,
+}
+
+struct State {
+    /// Live segments, oldest first; the last one is the active segment.
+    segments: Vec<Arc<Segment>>,
+    /// Offset in the active segment where the next record goes.
+    write_offset: usize,
+    /// Start of the active segment's range not yet synced.
+    sync_from: usize,
+    next_lsn: Lsn,
+    tracker: Tracker,
+    failed: Option<String>,
+}
+
+struct SyncState {
+    durable_lsn: Lsn,
+    leader_active: bool,
+    failed: Option<String>,
+}
+
+/// An open, writable write-ahead log. `Send + Sync`: share it with an `Arc`.
+pub struct Wal {
+    dir: PathBuf,
+    options: WalOptions,
+    state: Mutex<State>,
+    sync_state: Mutex<SyncState>,
+    sync_done: Condvar,
+    last_appended_lsn: AtomicU64,
+    stat_records: AtomicU64,
+    stat_bytes: AtomicU64,
+    stat_syncs: AtomicU64,
+    stat_segments_created: AtomicU64,
+    stat_segments_removed: AtomicU64,
+    report: OpenReport,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.dir)
+            .field("last_lsn", &self.last_lsn())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL in `dir` for writing: takes the writer lock, runs the recovery
+    /// scan, cuts a torn tail, and fails with [`WalError::Corrupt`] on anything else.
+    pub fn open(dir: &Path, options: WalOptions) -> Result<Wal> {
+        options.validate()?;
+        let started = Instant::now();
+        std::fs::create_dir_all(dir).map_err(|e| WalError::io("creating WAL directory", dir, e))?;
+        let listing = scan::list_dir(dir)?;
+        let lock = acquire_lock(dir)?;
+        if listing.segments.is_empty() && listing.temp_files.is_empty() {
+            if let Some(first) = listing.foreign.first() {
+                return Err(WalError::NotAWal {
+                    path: dir.to_path_buf(),
+                    what: "directory",
+                    reason: format!(
+                        "it holds other files (such as {}) and no WAL segments; use an empty or new directory",
+                        first.display()
+                    ),
+                });
+            }
+        }
+        let fs = options.fs.clone();
+        let mut report = OpenReport::default();
+        for tmp in &listing.temp_files {
+            tracing::warn!(path = %tmp.display(), "removing the temporary file of an interrupted segment creation");
+            std::fs::remove_file(tmp).map_err(|e| WalError::io("removing", tmp, e))?;
+            report.removed_temp_files.push(tmp.clone());
+        }
+        if !listing.temp_files.is_empty() {
+            fs.sync_dir(dir)
+                .map_err(|e| WalError::io("syncing WAL directory", dir, e))?;
+        }
+
+        let mut segments = Vec::with_capacity(listing.segments.len());
+        for (first_lsn, path) in &listing.segments {
+            segments.push(Arc::new(Segment::open(&*fs, path, *first_lsn, true)?));
+        }
+        let mut tracker = Tracker::default();
+        let mut write_offset = SEGMENT_HEADER_SIZE_BYTES;
+        let mut next_lsn: Lsn = 1;
+        let mut record_bytes = 0u64;
+        let count = segments.len();
+        for (i, seg) in segments.iter().enumerate() {
+            let is_newest = i + 1 == count;
+            if i > 0 && seg.header.first_lsn != next_lsn {
+                return Err(WalError::Corrupt {
+                    path: seg.path.clone(),
+                    offset: 0,
+                    expected_lsn: next_lsn,
+                    reason: format!(
+                        "LSN gap between segments: this segment starts at LSN {} but the previous one ends before LSN {next_lsn}",
+                        seg.header.first_lsn
+                    ),
+                });
+            }
+            let first_lsn = seg.header.first_lsn;
+            let mut visit = |r: &format::RecordView<'_>| {
+                record_bytes += r.size_bytes as u64;
+                tracker.apply(first_lsn, r)
+            };
+            let result = scan::scan_segment(seg, is_newest, &mut visit);
+            report.records += result.records;
+            next_lsn = result.next_lsn;
+            write_offset = result.end_offset;
+            match result.tail {
+                TailState::Clean => {}
+                TailState::Corrupt {
+                    offset,
+                    expected_lsn,
+                    reason,
+                } => {
+                    return Err(WalError::Corrupt {
+                        path: seg.path.clone(),
+                        offset,
+                        expected_lsn,
+                        reason,
+                    })
+                }
+                TailState::Torn { offset, reason } => {
+                    let len = result.dirty_end - result.end_offset;
+                    // SAFETY: we hold the writer lock and no reader exists yet.
+                    unsafe { seg.zero(result.end_offset, len) };
+                    fs.sync_range(&seg.map, &seg.path, result.end_offset, len)
+                        .map_err(|e| WalError::io("syncing the cut torn tail of", &seg.path, e))?;
+                    tracing::warn!(path = %seg.path.display(), offset, zeroed_bytes = len, %reason,
+                        "cut a torn tail (an unacknowledged partial write)");
+                    report.torn_tail = Some(TornTail {
+                        path: seg.path.clone(),
+                        offset,
+                        zeroed_bytes: len as u64,
+                        reason,
+                    });
+                }
+            }
+        }
+        if segments.is_empty() {
+            segments.push(Arc::new(Segment::create(
+                &*fs,
+                dir,
+                next_lsn,
+                options.segment_size_bytes,
+            )?));
+        }
+        report.segments = listing.segments.len();
+        report.record_bytes = record_bytes;
+        report.pending = tracker.pending_count();
+        report.next_lsn = next_lsn;
+        report.duration = started.elapsed();
+        tracing::info!(dir = %dir.display(), segments = report.segments, records = report.records,
+            pending = report.pending, next_lsn, duration_ms = report.duration.as_millis() as u64,
+            "opened WAL");
+        let last = next_lsn - 1;
+        Ok(Wal {
+            dir: dir.to_path_buf(),
+            options,
+            state: Mutex::new(State {
+                segments,
+                write_offset,
+                sync_from: write_offset,
+                next_lsn,
+                tracker,
+                failed: None,
+            }),
+            sync_state: Mutex::new(SyncState {
+                durable_lsn: last,
+                leader_active: false,
+                failed: None,
+            }),
+            sync_done: Condvar::new(),
+            last_appended_lsn: AtomicU64::new(last),
+            stat_records: AtomicU64::new(0),
+            stat_bytes: AtomicU64::new(0),
+            stat_syncs: AtomicU64::new(0),
+            stat_segments_created: AtomicU64::new(0),
+            stat_segments_removed: AtomicU64::new(0),
+            report,
+            _lock: lock,
+        })
+    }
+
+    /// The WAL directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What the recovery scan at open found and did.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// LSN of the last record appended (0 when the WAL has never held one).
+    pub fn last_lsn(&self) -> Lsn {
+        self.last_appended_lsn.load(Ordering::Acquire)
+    }
+
+    /// LSN up to which every record is durable.
+    pub fn durable_lsn(&self) -> Lsn {
+        self.sync_state.lock().durable_lsn
+    }
+
+    /// Every entry at or below this LSN is committed.
+    pub fn committed_watermark(&self) -> Lsn {
+        let st = self.state.lock();
+        st.tracker.watermark(st.next_lsn)
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> WalStats {
+        WalStats {
+            records_appended: self.stat_records.load(Ordering::Relaxed),
+            bytes_appended: self.stat_bytes.load(Ordering::Relaxed),
+            syncs: self.stat_syncs.load(Ordering::Relaxed),
+            segments_created: self.stat_segments_created.load(Ordering::Relaxed),
+            segments_removed: self.stat_segments_removed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Appends one entry and returns its LSN. Not durable until a [`Wal::sync`] returns.
+    pub fn append(&self, payload: &[u8]) -> Result<Lsn> {
+        check_payload(payload)?;
+        let mut st = self.state.lock();
+        self.append_locked(&mut st, RecordType::Entry, payload)
+    }
+
+    /// Appends entries in order under one lock and returns the LSN of the first and last (they
+    /// are consecutive). One [`Wal::sync`] afterwards makes the whole batch durable.
+    pub fn append_batch<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<(Lsn, Lsn)> {
+        if payloads.is_empty() || payloads.len() > MAX_BATCH_RECORDS {
+            return Err(WalError::BatchTooLarge {
+                count: payloads.len(),
+                limit: MAX_BATCH_RECORDS,
+            });
+        }
+        for p in payloads {
+            check_payload(p.as_ref())?;
+        }
+        let mut st = self.state.lock();
+        let first = self.append_locked(&mut st, RecordType::Entry, payloads[0].as_ref())?;
+        let mut last = first;
+        for p in &payloads[1..] {
+            last = self.append_locked(&mut st, RecordType::Entry, p.as_ref())?;
+        }
+        assert_eq!(
+            last - first + 1,
+            payloads.len() as u64,
+            "batch LSNs are consecutive"
+        );
+        Ok((first, last))
+    }
+
+    /// Appends one entry and returns once it is durable. Concurrent callers share syncs.
+    pub fn append_durable(&self, payload: &[u8]) -> Result<Lsn> {
+        let lsn = self.append(payload)?;
+        self.sync_to(lsn)?;
+        Ok(lsn)
+    }
+
+    /// The durability barrier: when it returns `Ok`, every record appended before the call is
+    /// durable. Returns the durable LSN. If a sync fails, the WAL enters a failed state: the data
+    /// is never assumed durable, and every later call returns [`WalError::Failed`].
+    pub fn sync(&self) -> Result<Lsn> {
+        self.sync_to(self.last_lsn())
+    }
+
+    /// Writes a commit marker for one entry.
+    pub fn commit(&self, lsn: Lsn) -> Result<Lsn> {
+        self.commit_range(lsn, lsn)
+    }
+
+    /// Writes a commit marker for entries `first_lsn..=last_lsn` and returns the marker's LSN.
+    /// The range must be durable already (an entry's effect may not precede its durability, P1).
+    /// Markers are not synced on their own; the next sync carries them.
+    pub fn commit_range(&self, first_lsn: Lsn, last_lsn: Lsn) -> Result<Lsn> {
+        let invalid = |reason: String| WalError::InvalidCommit {
+            first_lsn,
+            last_lsn,
+            reason,
+        };
+        if first_lsn == 0 || first_lsn > last_lsn {
+            return Err(invalid("the range is empty or starts at 0".into()));
+        }
+        let mut st = self.state.lock();
+        if last_lsn >= st.next_lsn {
+            return Err(invalid(format!(
+                "LSN {last_lsn} has not been appended (next LSN is {})",
+                st.next_lsn
+            )));
+        }
+        let durable = self.sync_state.lock().durable_lsn;
+        if last_lsn > durable {
+            return Err(invalid(format!(
+                "LSN {last_lsn} is not durable yet (durable up to {durable}); sync before committing"
+            )));
+        }
+        let payload = encode_payload(&CommitPayload {
+            first_lsn,
+            last_lsn,
+        })
+        .expect("a commit payload always encodes");
+        let marker = self.append_locked(&mut st, RecordType::Commit, &payload)?;
+        st.tracker.mark_committed(first_lsn, last_lsn);
+        Ok(marker)
+    }
+
+    /// Entries without a commit marker, in LSN order.
+    pub fn pending(&self) -> Result<Vec<PendingEntry>> {
+        let st = self.state.lock();
+        let mut out = Vec::with_capacity(st.tracker.pending_count());
+        for (lsn, segment_first_lsn, offset) in st.tracker.pending() {
+            let seg = find_segment(&st.segments, segment_first_lsn)
+                .expect("a pending entry's segment is live");
+            match format::decode_record(seg.bytes(), offset as usize, &seg.hasher) {
+                format::Decoded::Record(r) if r.lsn == lsn => out.push(PendingEntry {
+                    lsn,
+                    payload: r.payload.to_vec(),
+                }),
+                other => {
+                    return Err(WalError::Corrupt {
+                        path: seg.path.clone(),
+                        offset: offset as u64,
+                        expected_lsn: lsn,
+                        reason: format!(
+                            "pending entry no longer decodes ({other:?}): the file changed under the writer"
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of entries without a commit marker.
+    pub fn pending_count(&self) -> usize {
+        self.state.lock().tracker.pending_count()
+    }
+
+    /// Removes (or archives, per [`Retention`]) every sealed segment whose entries, and those of all
+    /// older segments, are committed. The active segment is never removed, and files are never
+    /// reused. Writes a checkpoint record when it removed anything.
+    pub fn checkpoint(&self) -> Result<CheckpointReport> {
+        let (watermark, victims) = {
+            let mut st = self.state.lock();
+            if let Some(cause) = &st.failed {
+                return Err(WalError::Failed {
+                    cause: cause.clone(),
+                });
+            }
+            let watermark = st.tracker.watermark(st.next_lsn);
+            let removable = st
+                .segments
+                .windows(2)
+                .take_while(|w| w[1].header.first_lsn - 1 <= watermark)
+                .count();
+            let keep = match self.options.retention {
+                Retention::KeepLast(n) => n,
+                _ => 0,
+            };
+            let remove = removable.saturating_sub(keep);
+            if remove == 0 {
+                return Ok(CheckpointReport {
+                    committed_watermark: watermark,
+                    removed: Vec::new(),
+                });
+            }
+            let victims: Vec<Arc<Segment>> = st.segments.drain(..remove).collect();
+            let payload = encode_payload(&CheckpointPayload {
+                committed_watermark: watermark,
+                first_retained_lsn: st.segments[0].header.first_lsn,
+            })
+            .expect("a checkpoint payload always encodes");
+            self.append_locked(&mut st, RecordType::Checkpoint, &payload)?;
+            (watermark, victims)
+        };
+        let fs = &self.options.fs;
+        let mut removed = Vec::with_capacity(victims.len());
+        let archive = match &self.options.retention {
+            Retention::Archive(to) => Some(self.dir.join(to)),
+            _ => None,
+        };
+        if let Some(archive) = &archive {
+            std::fs::create_dir_all(archive)
+                .map_err(|e| WalError::io("creating archive directory", archive, e))?;
+        }
+        for seg in victims {
+            match &archive {
+                Some(archive) => {
+                    let to = archive.join(seg.path.file_name().expect("segment has a name"));
+                    std::fs::rename(&seg.path, &to)
+                        .map_err(|e| WalError::io("archiving segment", &seg.path, e))?;
+                }
+                None => std::fs::remove_file(&seg.path)
+                    .map_err(|e| WalError::io("removing segment", &seg.path, e))?,
+            }
+            tracing::debug!(path = %seg.path.display(), watermark, "checkpoint released segment");
+            removed.push(seg.path.clone());
+        }
+        fs.sync_dir(&self.dir)
+            .map_err(|e| WalError::io("syncing WAL directory", &self.dir, e))?;
+        if let Some(archive) = &archive {
+            fs.sync_dir(archive)
+                .map_err(|e| WalError::io("syncing archive directory", archive, e))?;
+        }
+        self.stat_segments_removed
+            .fetch_add(removed.len() as u64, Ordering::Relaxed);
+        Ok(CheckpointReport {
+            committed_watermark: watermark,
+            removed,
+        })
+    }
+
+    fn append_locked(
+        &self,
+        st: &mut State,
+        record_type: RecordType,
+        payload: &[u8],
+    ) -> Result<Lsn> {
+        if let Some(cause) = &st.failed {
+            return Err(WalError::Failed {
+                cause: cause.clone(),
+            });
+        }
+        let size = record_size(payload.len());
+        let seg_len = st.segments.last().expect("an active segment").map.len();
+        if st.write_offset + size > seg_len {
+            self.roll(st)?;
+        }
+        let lsn = st.next_lsn;
+        let seg = st.segments.last().expect("an active segment").clone();
+        let header = encode_record_header(&seg.hasher, record_type, lsn, payload);
+        let offset = st.write_offset;
+        debug_assert!(
+            seg.bytes()[offset..offset + size].iter().all(|&b| b == 0),
+            "writing over non-zero bytes"
+        );
+        // SAFETY: we hold the state lock; `offset..offset+size` lies past every record readers see.
+        unsafe {
+            seg.write(offset + RECORD_HEADER_SIZE_BYTES, payload);
+            seg.write(offset, &header);
+        }
+        if record_type == RecordType::Entry {
+            st.tracker.push(lsn, seg.header.first_lsn, offset as u32);
+        }
+        st.write_offset += size;
+        st.next_lsn += 1;
+        self.last_appended_lsn.store(lsn, Ordering::Release);
+        self.stat_records.fetch_add(1, Ordering::Relaxed);
+        self.stat_bytes.fetch_add(size as u64, Ordering::Relaxed);
+        Ok(lsn)
+    }
+
+    /// Seals the active segment (syncing what it holds, so only the newest segment can ever have
+    /// a torn tail) and starts a new one at the next LSN.
+    fn roll(&self, st: &mut State) -> Result<()> {
+        let active = st.segments.last().expect("an active segment").clone();
+        if st.write_offset > st.sync_from {
+            if let Err(e) = self.options.fs.sync_range(
+                &active.map,
+                &active.path,
+                st.sync_from,
+                st.write_offset - st.sync_from,
+            ) {
+                let err = WalError::io("syncing sealed segment", &active.path, e);
+                st.failed = Some(err.to_string());
+                return Err(err);
+            }
+            self.stat_syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        let seg = Segment::create(
+            &*self.options.fs,
+            &self.dir,
+            st.next_lsn,
+            self.options.segment_size_bytes,
+        )?;
+        st.segments.push(Arc::new(seg));
+        st.write_offset = SEGMENT_HEADER_SIZE_BYTES;
+        st.sync_from = SEGMENT_HEADER_SIZE_BYTES;
+        self.stat_segments_created.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn sync_to(&self, target: Lsn) -> Result<Lsn> {
+        let mut s = self.sync_state.lock();
+        loop {
+            if let Some(cause) = &s.failed {
+                return Err(WalError::Failed {
+                    cause: cause.clone(),
+                });
+            }
+            if s.durable_lsn >= target {
+                return Ok(s.durable_lsn);
+            }
+            if !s.leader_active {
+                s.leader_active = true;
+                break;
+            }
+            self.sync_done.wait(&mut s);
+        }
+        drop(s);
+        // Leader: sync everything appended so far, for ourselves and every waiting follower.
+        let result = self.sync_as_leader();
+        let mut s = self.sync_state.lock();
+        s.leader_active = false;
+        let out = match result {
+            Ok(end_lsn) => {
+                assert!(end_lsn >= target, "a leader syncs at least its own target");
+                s.durable_lsn = s.durable_lsn.max(end_lsn);
+                Ok(s.durable_lsn)
+            }
+            Err(e) => {
+                s.failed = Some(e.to_string());
+                Err(e)
+            }
+        };
+        self.sync_done.notify_all();
+        out
+    }
+
+    fn sync_as_leader(&self) -> Result<Lsn> {
+        let (seg, from, to, end_lsn) = {
+            let mut st = self.state.lock();
+            if let Some(cause) = &st.failed {
+                return Err(WalError::Failed {
+                    cause: cause.clone(),
+                });
+            }
+            let seg = st.segments.last().expect("an active segment").clone();
+            let range = (st.sync_from, st.write_offset);
+            st.sync_from = st.write_offset;
+            (seg, range.0, range.1, st.next_lsn - 1)
+        };
+        if to > from {
+            if let Err(e) = self
+                .options
+                .fs
+                .sync_range(&seg.map, &seg.path, from, to - from)
+            {
+                let err = WalError::io("syncing", &seg.path, e);
+                // Never retried as if durable: the WAL refuses all further work until reopened.
+                self.state.lock().failed = Some(err.to_string());
+                return Err(err);
+            }
+            self.stat_syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(end_lsn)
+    }
+}
+
+fn check_payload(payload: &[u8]) -> Result<()> {
+    if payload.is_empty() {
+        return Err(WalError::EmptyPayload);
+    }
+    if payload.len() > MAX_PAYLOAD_SIZE_BYTES {
+        return Err(WalError::RecordTooLarge {
+            size_bytes: payload.len(),
+            limit_bytes: MAX_PAYLOAD_SIZE_BYTES,
+        });
+    }
+    Ok(())
+}
+
+fn find_segment(segments: &[Arc<Segment>], first_lsn: Lsn) -> Option<&Arc<Segment>> {
+    segments
+        .binary_search_by_key(&first_lsn, |s| s.header.first_lsn)
+        .ok()
+        .map(|i| &segments[i])
+}
+
+/// Takes the exclusive writer lock of `dir` (flock on `dir/LOCK`) and records our pid in it.
+fn acquire_lock(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE_NAME);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| WalError::io("opening lock file", &path, e))?;
+    // SAFETY: plain syscall on a valid descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = match text.trim().parse::<u32>() {
+                Ok(pid) => format!("pid {pid}"),
+                Err(_) => "another process".to_string(),
+            };
+            return Err(WalError::Locked {
+                dir: dir.to_path_buf(),
+                holder,
+            });
+        }
+        return Err(WalError::io("locking", &path, err));
+    }
+    file.set_len(0)
+        .and_then(|_| file.rewind())
+        .and_then(|_| write!(file, "{}", std::process::id()))
+        .map_err(|e| WalError::io("writing lock file", &path, e))?;
+    Ok(file)
+}

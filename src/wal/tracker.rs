@@ -1,0 +1,121 @@
+//! Which entries are committed: a deque of entries in LSN order, popped from the front as soon as
+//! the oldest ones are committed, so memory is proportional to the uncommitted window.
+
+use std::collections::VecDeque;
+
+use super::format::{
+    decode_payload, CheckpointPayload, CommitPayload, Lsn, RecordType, RecordView,
+};
+
+#[derive(Clone, Copy, Debug)]
+struct Tracked {
+    lsn: Lsn,
+    segment_first_lsn: Lsn,
+    offset: u32,
+    committed: bool,
+}
+
+/// Entries not yet known to be committed (plus committed ones behind an uncommitted one).
+#[derive(Debug, Default)]
+pub(crate) struct Tracker {
+    entries: VecDeque<Tracked>,
+    uncommitted: usize,
+}
+
+impl Tracker {
+    /// Records a newly appended (or scanned) entry. LSNs must increase.
+    pub(crate) fn push(&mut self, lsn: Lsn, segment_first_lsn: Lsn, offset: u32) {
+        if let Some(last) = self.entries.back() {
+            assert!(lsn > last.lsn, "entries are tracked in LSN order");
+        }
+        self.entries.push_back(Tracked {
+            lsn,
+            segment_first_lsn,
+            offset,
+            committed: false,
+        });
+        self.uncommitted += 1;
+    }
+
+    /// Marks every tracked entry in `first..=last` committed; other LSNs in the range (markers,
+    /// or entries already released) are ignored.
+    pub(crate) fn mark_committed(&mut self, first: Lsn, last: Lsn) {
+        let start = self.entries.partition_point(|e| e.lsn < first);
+        for i in start..self.entries.len() {
+            let e = &mut self.entries[i];
+            if e.lsn > last {
+                break;
+            }
+            if !e.committed {
+                e.committed = true;
+                self.uncommitted -= 1;
+            }
+        }
+        while self.entries.front().is_some_and(|e| e.committed) {
+            self.entries.pop_front();
+        }
+        debug_assert_eq!(
+            self.uncommitted,
+            self.entries.iter().filter(|e| !e.committed).count()
+        );
+    }
+
+    /// Every entry at or below the returned LSN is committed.
+    pub(crate) fn watermark(&self, next_lsn: Lsn) -> Lsn {
+        match self.entries.front() {
+            Some(first) => first.lsn - 1,
+            None => next_lsn - 1,
+        }
+    }
+
+    pub(crate) fn pending_count(&self) -> usize {
+        self.uncommitted
+    }
+
+    /// `(lsn, segment first LSN, offset)` of each uncommitted entry, in LSN order.
+    pub(crate) fn pending(&self) -> impl Iterator<Item = (Lsn, Lsn, u32)> + '_ {
+        self.entries
+            .iter()
+            .filter(|e| !e.committed)
+            .map(|e| (e.lsn, e.segment_first_lsn, e.offset))
+    }
+
+    /// Feeds one scanned record. An `Err` is a record whose checksum is valid but whose content
+    /// is impossible (a marker for the future, an undecodable payload).
+    pub(crate) fn apply(
+        &mut self,
+        segment_first_lsn: Lsn,
+        r: &RecordView<'_>,
+    ) -> Result<(), String> {
+        match r.record_type {
+            RecordType::Entry => {
+                self.push(r.lsn, segment_first_lsn, r.offset as u32);
+            }
+            RecordType::Commit => {
+                let c: CommitPayload =
+                    decode_payload(r.payload).map_err(|e| format!("bad commit payload: {e}"))?;
+                if c.first_lsn == 0 || c.first_lsn > c.last_lsn || c.last_lsn >= r.lsn {
+                    return Err(format!(
+                        "commit marker for range {}..={} is impossible at this LSN",
+                        c.first_lsn, c.last_lsn
+                    ));
+                }
+                self.mark_committed(c.first_lsn, c.last_lsn);
+            }
+            RecordType::Checkpoint => {
+                let c: CheckpointPayload = decode_payload(r.payload)
+                    .map_err(|e| format!("bad checkpoint payload: {e}"))?;
+                if c.committed_watermark >= r.lsn || c.first_retained_lsn > r.lsn {
+                    return Err(format!(
+                        "checkpoint watermark {} / first retained LSN {} is impossible at this LSN",
+                        c.committed_watermark, c.first_retained_lsn
+                    ));
+                }
+                if c.committed_watermark > 0 {
+                    self.mark_committed(1, c.committed_watermark);
+                }
+            }
+        }
+        Ok(())
+    }
+}
