@@ -9,8 +9,7 @@ use std::path::Path;
 
 use common::*;
 use settlement_wal::wal::format::{
-    encode_payload, encode_record, CommitPayload, RecordType, SegmentHeader,
-    MIN_SEGMENT_SIZE_BYTES,
+    encode_payload, encode_record, CommitPayload, RecordType, SegmentHeader, MIN_SEGMENT_SIZE_BYTES,
 };
 use settlement_wal::wal::{inspect, Wal};
 
@@ -26,7 +25,12 @@ fn example_segment() -> (Vec<u8>, usize) {
     };
     let hasher = header.record_hasher();
     let mut bytes = header.encode().to_vec();
-    bytes.extend(encode_record(&hasher, RecordType::Entry, 1, b"trade 9001 BTC-USDT 3@65000"));
+    bytes.extend(encode_record(
+        &hasher,
+        RecordType::Entry,
+        1,
+        b"trade 9001 BTC-USDT 3@65000",
+    ));
     bytes.extend(encode_record(&hasher, RecordType::Entry, 2, b"deposit"));
     let commit = encode_payload(&CommitPayload {
         first_lsn: 1,
@@ -55,7 +59,13 @@ fn hexdump(bytes: &[u8]) -> String {
         }
         let ascii: String = chunk
             .iter()
-            .map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' })
+            .map(|&b| {
+                if (0x20..0x7f).contains(&b) {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
             .collect();
         writeln!(out, "  |{ascii}|").unwrap();
     }
@@ -68,8 +78,14 @@ fn the_documented_hexdump_is_what_the_encoder_writes() {
     let dump = hexdump(&bytes[..used + 24]);
     let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("wal-format.md");
     let doc = std::fs::read_to_string(&doc_path).unwrap();
-    let start = doc.find(BEGIN).expect("wal-format.md has the hexdump begin marker") + BEGIN.len();
-    let end = start + doc[start..].find(END).expect("wal-format.md has the hexdump end marker");
+    let start = doc
+        .find(BEGIN)
+        .expect("wal-format.md has the hexdump begin marker")
+        + BEGIN.len();
+    let end = start
+        + doc[start..]
+            .find(END)
+            .expect("wal-format.md has the hexdump end marker");
     if std::env::var("UPDATE_FORMAT_DOC").is_ok() {
         let updated = format!("{}{}{}", &doc[..start], dump, &doc[end..]);
         std::fs::write(&doc_path, updated).unwrap();

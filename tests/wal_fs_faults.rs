@@ -73,9 +73,16 @@ fn a_failed_sync_is_never_retried_as_durable_and_the_wal_reopens_consistent() {
     let syncs_before = fs.sync_ranges.load(Ordering::SeqCst);
     assert!(matches!(wal.sync(), Err(WalError::Failed { .. })));
     assert!(matches!(wal.append(b"more"), Err(WalError::Failed { .. })));
-    assert!(matches!(wal.commit(lsn), Err(WalError::InvalidCommit { .. }) | Err(WalError::Failed { .. })));
+    assert!(matches!(
+        wal.commit(lsn),
+        Err(WalError::InvalidCommit { .. }) | Err(WalError::Failed { .. })
+    ));
     assert!(matches!(wal.checkpoint(), Err(WalError::Failed { .. })));
-    assert_eq!(fs.sync_ranges.load(Ordering::SeqCst), syncs_before, "no msync retried");
+    assert_eq!(
+        fs.sync_ranges.load(Ordering::SeqCst),
+        syncs_before,
+        "no msync retried"
+    );
     drop(wal);
     // Reopening re-verifies from disk: the earlier durable entry is there; the WAL is consistent.
     let wal = open_small(dir.path());
@@ -119,7 +126,11 @@ fn enospc_at_segment_preallocation_is_disk_full_with_no_partial_record() {
             }
         }
     }
-    assert_eq!(segment_files(dir.path()).len(), 1, "no half-made segment left behind");
+    assert_eq!(
+        segment_files(dir.path()).len(),
+        1,
+        "no half-made segment left behind"
+    );
     wal.sync().unwrap();
     // Space comes back: the same WAL carries on (nothing was half-written).
     fs.fail_allocate_enospc.store(false, Ordering::SeqCst);

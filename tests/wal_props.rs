@@ -32,7 +32,9 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn bytes_for(lsn: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (lsn as usize * 131 + i * 17) as u8 | 1).collect()
+    (0..len)
+        .map(|i| (lsn as usize * 131 + i * 17) as u8 | 1)
+        .collect()
 }
 
 proptest! {

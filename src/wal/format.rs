@@ -382,7 +382,8 @@ pub struct RecordView<'a> {
     pub lsn: Lsn,
     /// The payload bytes.
     pub payload: &'a [u8],
-    /// Total on-disk size including header and padding.
+    /// Total on-disk size including header and padding. (At the very end of a truncated file the
+    /// padding may lie past the bytes given.)
     pub size_bytes: usize,
 }
 
@@ -501,9 +502,11 @@ pub fn decode_record<'a>(
         return Decoded::Invalid(RecordError::NonZeroReserved);
     }
     let size = record_size(len as usize);
-    if size > available {
+    // Only header and payload must be present: padding cut off by the end of a short (truncated)
+    // file reads as the zeros the file is re-extended with.
+    if RECORD_HEADER_SIZE_BYTES + len as usize > available {
         return Decoded::Invalid(RecordError::Truncated {
-            needed_bytes: size,
+            needed_bytes: RECORD_HEADER_SIZE_BYTES + len as usize,
             available_bytes: available,
         });
     }
@@ -517,7 +520,7 @@ pub fn decode_record<'a>(
     if stored != computed {
         return Decoded::Invalid(RecordError::ChecksumMismatch { stored, computed });
     }
-    if segment[payload_start + len as usize..offset + size]
+    if segment[payload_start + len as usize..(offset + size).min(segment.len())]
         .iter()
         .any(|&b| b != 0)
     {

@@ -33,6 +33,8 @@
 pub mod error;
 pub mod format;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzzing;
 mod inspect;
 mod scan;
 mod segment;
@@ -274,12 +276,14 @@ impl Wal {
 
         let mut segments = Vec::with_capacity(listing.segments.len());
         for (first_lsn, path) in &listing.segments {
-            segments.push(Arc::new(Segment::open(&*fs, path, *first_lsn, true)?));
+            // Read-only first: a failed open must not change a single byte on disk.
+            segments.push(Arc::new(Segment::open(&*fs, path, *first_lsn, false)?));
         }
         let mut tracker = Tracker::default();
         let mut write_offset = SEGMENT_HEADER_SIZE_BYTES;
         let mut next_lsn: Lsn = 1;
         let mut record_bytes = 0u64;
+        let mut torn: Option<(scan::SegmentScan, u64, String)> = None;
         let count = segments.len();
         for (i, seg) in segments.iter().enumerate() {
             let is_newest = i + 1 == count;
@@ -317,22 +321,32 @@ impl Wal {
                         reason,
                     })
                 }
-                TailState::Torn { offset, reason } => {
-                    let len = result.dirty_end - result.end_offset;
-                    // SAFETY: we hold the writer lock and no reader exists yet.
-                    unsafe { seg.zero(result.end_offset, len) };
-                    fs.sync_range(&seg.map, &seg.path, result.end_offset, len)
-                        .map_err(|e| WalError::io("syncing the cut torn tail of", &seg.path, e))?;
-                    tracing::warn!(path = %seg.path.display(), offset, zeroed_bytes = len, %reason,
-                        "cut a torn tail (an unacknowledged partial write)");
-                    report.torn_tail = Some(TornTail {
-                        path: seg.path.clone(),
-                        offset,
-                        zeroed_bytes: len as u64,
-                        reason,
-                    });
+                TailState::Torn { offset, ref reason } => {
+                    let reason = reason.clone();
+                    torn = Some((result, offset, reason));
                 }
             }
+        }
+        // The scan passed: only now map the newest segment for writing (re-extending a file that
+        // was cut short) and cut a torn tail.
+        if let Some(newest) = segments.pop() {
+            let seg = Segment::open(&*fs, &newest.path, newest.header.first_lsn, true)?;
+            if let Some((result, offset, reason)) = torn {
+                let len = result.dirty_end - result.end_offset;
+                // SAFETY: we hold the writer lock and no reader exists yet.
+                unsafe { seg.zero(result.end_offset, len) };
+                fs.sync_range(&seg.map, &seg.path, result.end_offset, len)
+                    .map_err(|e| WalError::io("syncing the cut torn tail of", &seg.path, e))?;
+                tracing::warn!(path = %seg.path.display(), offset, zeroed_bytes = len, %reason,
+                    "cut a torn tail (an unacknowledged partial write)");
+                report.torn_tail = Some(TornTail {
+                    path: seg.path.clone(),
+                    offset,
+                    zeroed_bytes: len as u64,
+                    reason,
+                });
+            }
+            segments.push(Arc::new(seg));
         }
         if segments.is_empty() {
             segments.push(Arc::new(Segment::create(
