@@ -97,7 +97,7 @@ fn a_bit_flip_in_the_last_record_is_a_torn_tail_and_earlier_is_corruption() {
     let all_lsns = surviving_lsns(src.path());
     for (idx, (_, offset, payload_end, lsn)) in layout.iter().enumerate() {
         let is_last = idx + 1 == layout.len();
-        let record_end = (payload_end + 7) / 8 * 8;
+        let record_end = payload_end.div_ceil(8) * 8;
         for byte in *offset..record_end {
             let bit = byte % 8;
             let mut bytes = original.clone();

@@ -76,7 +76,7 @@ const RH_CHECKSUMMED: usize = 20;
 
 /// Rounds `n` up to the record alignment.
 pub const fn align_up(n: usize) -> usize {
-    (n + RECORD_ALIGNMENT_BYTES - 1) / RECORD_ALIGNMENT_BYTES * RECORD_ALIGNMENT_BYTES
+    n.div_ceil(RECORD_ALIGNMENT_BYTES) * RECORD_ALIGNMENT_BYTES
 }
 
 /// On-disk size of a record whose payload is `payload_len` bytes.
