@@ -414,3 +414,39 @@ fn inspection_reports_corruption_but_still_describes_the_wal() {
     assert_eq!(view.segments.len(), segment_files(dir.path()).len());
     assert!(view.segments[1..].iter().all(|s| s.counts.entries > 0));
 }
+
+#[test]
+fn the_newest_entry_is_always_readable_even_after_checkpoints() {
+    let dir = temp_dir();
+    let wal = open_small(dir.path());
+    assert!(wal.last_entry().unwrap().is_none());
+    let (first, last) = wal
+        .append_batch(&(0..2000).map(payload).collect::<Vec<_>>())
+        .unwrap();
+    wal.sync().unwrap();
+    wal.commit_range(first, last).unwrap();
+    // Markers alone fill the next segments; the entry's segment must survive every checkpoint.
+    for _ in 0..8000 {
+        wal.commit(last).unwrap();
+    }
+    wal.sync().unwrap();
+    wal.checkpoint().unwrap();
+    let e = wal.last_entry().unwrap().expect("newest entry kept");
+    assert_eq!((e.lsn, e.payload), (last, payload(1999)));
+    drop(wal);
+    let wal = open_small(dir.path());
+    assert_eq!(wal.last_entry().unwrap().unwrap().lsn, last);
+    assert_eq!(wal.pending_count(), 0);
+}
+
+#[test]
+fn a_fresh_wal_can_start_above_a_given_lsn() {
+    let dir = temp_dir();
+    let wal = Wal::open(dir.path(), small_options().first_lsn(5000)).unwrap();
+    assert_eq!(wal.append(b"x").unwrap(), 5000);
+    wal.sync().unwrap();
+    drop(wal);
+    // Ignored once the WAL exists.
+    let wal = Wal::open(dir.path(), small_options().first_lsn(10)).unwrap();
+    assert_eq!(wal.append(b"y").unwrap(), 5001);
+}

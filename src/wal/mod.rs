@@ -84,6 +84,7 @@ pub enum Retention {
 #[derive(Clone, Debug)]
 pub struct WalOptions {
     segment_size_bytes: u64,
+    first_lsn: Lsn,
     retention: Retention,
     fs: Arc<dyn WalFs>,
 }
@@ -92,6 +93,7 @@ impl Default for WalOptions {
     fn default() -> Self {
         WalOptions {
             segment_size_bytes: DEFAULT_SEGMENT_SIZE_BYTES,
+            first_lsn: 1,
             retention: Retention::Delete,
             fs: Arc::new(OsFs),
         }
@@ -102,6 +104,14 @@ impl WalOptions {
     /// Size of each new segment file (default 64 MiB; between 256 KiB and 1 GiB, a multiple of 8).
     pub fn segment_size_bytes(mut self, size_bytes: u64) -> Self {
         self.segment_size_bytes = size_bytes;
+        self
+    }
+
+    /// The LSN of the first record of a WAL created in an empty directory (default 1; ignored
+    /// when the directory already holds segments). An application whose store already holds
+    /// LSNs (the WAL directory was lost) starts above them, so LSNs keep increasing.
+    pub fn first_lsn(mut self, lsn: Lsn) -> Self {
+        self.first_lsn = lsn.max(1);
         self
     }
 
@@ -281,7 +291,7 @@ impl Wal {
         }
         let mut tracker = Tracker::default();
         let mut write_offset = SEGMENT_HEADER_SIZE_BYTES;
-        let mut next_lsn: Lsn = 1;
+        let mut next_lsn: Lsn = options.first_lsn;
         let mut record_bytes = 0u64;
         let mut torn: Option<(scan::SegmentScan, u64, String)> = None;
         let count = segments.len();
@@ -524,24 +534,22 @@ impl Wal {
         for (lsn, segment_first_lsn, offset) in st.tracker.pending() {
             let seg = find_segment(&st.segments, segment_first_lsn)
                 .expect("a pending entry's segment is live");
-            match format::decode_record(seg.bytes(), offset as usize, &seg.hasher) {
-                format::Decoded::Record(r) if r.lsn == lsn => out.push(PendingEntry {
-                    lsn,
-                    payload: r.payload.to_vec(),
-                }),
-                other => {
-                    return Err(WalError::Corrupt {
-                        path: seg.path.clone(),
-                        offset: offset as u64,
-                        expected_lsn: lsn,
-                        reason: format!(
-                            "pending entry no longer decodes ({other:?}): the file changed under the writer"
-                        ),
-                    })
-                }
-            }
+            out.push(read_entry(seg, lsn, offset)?);
         }
         Ok(out)
+    }
+
+    /// The newest entry in the WAL, committed or not (`None` for a WAL that never held one, or
+    /// whose segments were lost). Checkpoints always keep it.
+    pub fn last_entry(&self) -> Result<Option<PendingEntry>> {
+        let st = self.state.lock();
+        let Some((lsn, segment_first_lsn, offset)) = st.tracker.last_entry() else {
+            return Ok(None);
+        };
+        let Some(seg) = find_segment(&st.segments, segment_first_lsn) else {
+            return Ok(None);
+        };
+        read_entry(seg, lsn, offset).map(Some)
     }
 
     /// Number of entries without a commit marker.
@@ -561,10 +569,16 @@ impl Wal {
                 });
             }
             let watermark = st.tracker.watermark(st.next_lsn);
+            // The segment holding the newest entry is always kept, so an application can always
+            // read its last entry back (`last_entry`), however many markers followed it.
+            let newest_entry = st.tracker.last_entry().map_or(0, |(lsn, _, _)| lsn);
             let removable = st
                 .segments
                 .windows(2)
-                .take_while(|w| w[1].header.first_lsn - 1 <= watermark)
+                .take_while(|w| {
+                    let last_in_segment = w[1].header.first_lsn - 1;
+                    last_in_segment <= watermark && last_in_segment < newest_entry
+                })
                 .count();
             let keep = match self.options.retention {
                 Retention::KeepLast(n) => n,
@@ -771,6 +785,23 @@ fn check_payload(payload: &[u8]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+fn read_entry(seg: &Segment, lsn: Lsn, offset: u32) -> Result<PendingEntry> {
+    match format::decode_record(seg.bytes(), offset as usize, &seg.hasher) {
+        format::Decoded::Record(r) if r.lsn == lsn => Ok(PendingEntry {
+            lsn,
+            payload: r.payload.to_vec(),
+        }),
+        other => Err(WalError::Corrupt {
+            path: seg.path.clone(),
+            offset: offset as u64,
+            expected_lsn: lsn,
+            reason: format!(
+                "entry no longer decodes ({other:?}): the file changed under the writer"
+            ),
+        }),
+    }
 }
 
 fn find_segment(segments: &[Arc<Segment>], first_lsn: Lsn) -> Option<&Arc<Segment>> {

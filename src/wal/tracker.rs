@@ -20,6 +20,8 @@ struct Tracked {
 pub(crate) struct Tracker {
     entries: VecDeque<Tracked>,
     uncommitted: usize,
+    /// `(lsn, segment first LSN, offset)` of the newest entry, committed or not.
+    last_entry: Option<(Lsn, Lsn, u32)>,
 }
 
 impl Tracker {
@@ -35,6 +37,12 @@ impl Tracker {
             committed: false,
         });
         self.uncommitted += 1;
+        self.last_entry = Some((lsn, segment_first_lsn, offset));
+    }
+
+    /// `(lsn, segment first LSN, offset)` of the newest entry.
+    pub(crate) fn last_entry(&self) -> Option<(Lsn, Lsn, u32)> {
+        self.last_entry
     }
 
     /// Marks every tracked entry in `first..=last` committed; other LSNs in the range (markers,
