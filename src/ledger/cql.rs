@@ -1,0 +1,1036 @@
+//! ScyllaDB/Cassandra ledger through the scylla driver (1.x).
+//!
+//! How it keeps the promises of `ARCHITECTURE.md`:
+//!
+//! - **P4 (monotonic state)**: every data statement is `INSERT ... USING TIMESTAMP ?` and binds the
+//!   LSN of the entry that wrote it as the write timestamp (microseconds). Cassandra/Scylla keep
+//!   the cell with the highest timestamp, so a replayed or late write of entry `n` never
+//!   overwrites what entry `m > n` wrote, whatever order the writes land in. The timestamp is
+//!   bound per statement because a CQL batch carries at most one batch-level timestamp (the
+//!   driver's `Batch::set_timestamp`), and the per-statement `set_timestamp` of a prepared
+//!   statement is *not* sent when that statement is inside a batch.
+//! - **P2 (marker after effect)**: [`CqlLedger::apply`] returns `Ok` only when every batch was
+//!   acknowledged at the configured consistency. A timeout, an unavailable replica or a broken
+//!   connection is an unknown outcome: the (idempotent) batch is retried with bounded
+//!   exponential backoff, and after `max_attempts` the call fails with
+//!   [`LedgerError::Unknown`]; it never guesses.
+//! - No counter columns: balances are absolute post-images with the LSN that wrote them.
+//!
+//! Schema (created when missing, idempotently; version [`SCHEMA_VERSION`] in `schema_version`):
+//!
+//! ```text
+//! trades(trade_id bigint PRIMARY KEY, output_sequence, symbol, buyer_user_id, seller_user_id,
+//!        price, quantity, timestamp_ns, lsn)
+//! movements(output_sequence bigint PRIMARY KEY, kind text, user_id, asset, amount, lsn)
+//! balances(user_id bigint, asset text, amount bigint, last_lsn bigint,
+//!          PRIMARY KEY ((user_id), asset))
+//! schema_version(component text PRIMARY KEY, version int)     -- one row: ('ledger', 1)
+//! ```
+//!
+//! Caveat of LSN timestamps: they are tiny next to wall-clock microseconds, so a write to these
+//! tables *without* an explicit timestamp (a manual `cqlsh` fix, a `DELETE`) gets "now" and wins
+//! over every later settlement write of that row. Never write these tables by hand; drop and
+//! rebuild the keyspace instead.
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{DbError, ExecutionError, NewSessionError, PrepareError, RequestAttemptError};
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::policies::retry::FallthroughRetryPolicy;
+use scylla::response::query_result::QueryResult;
+use scylla::response::{PagingState, PagingStateResponse};
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+use scylla::serialize::SerializationError;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::{Consistency as CqlConsistency, Statement};
+use tokio::task::JoinSet;
+
+use super::{
+    validate_entries, BalanceKey, BalanceRow, BalanceWrite, Consistency, CqlConfig, EntryWrites,
+    EventRow, Ledger, LedgerError, MovementKind, MovementRow, Result, TradeRow,
+};
+use crate::wal::Lsn;
+
+/// The schema version this code creates and understands.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Rows per page of the full-table scans.
+const SCAN_PAGE_SIZE: i32 = 1000;
+/// First retry delay; doubles per attempt up to [`BACKOFF_CAP`] (with jitter).
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest delay between two attempts.
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Shortest client-side timeout for schema statements (DDL can take seconds).
+const MIN_DDL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// ScyllaDB/Cassandra ledger. Cheap to share: one session, statements prepared once at connect.
+pub struct CqlLedger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    session: Session,
+    config: CqlConfig,
+    insert_trade: PreparedStatement,
+    insert_movement: PreparedStatement,
+    insert_balance: PreparedStatement,
+    select_trade_lsn: PreparedStatement,
+    select_movement_lsn: PreparedStatement,
+    select_balances: PreparedStatement,
+    scan_trades: PreparedStatement,
+    scan_movements: PreparedStatement,
+    scan_balances: PreparedStatement,
+}
+
+impl std::fmt::Debug for CqlLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CqlLedger")
+            .field("url", &self.inner.config.display_url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CqlLedger {
+    /// Connects to `config.contact_points`, creates the keyspace and tables when missing
+    /// (idempotently), checks the schema version and prepares every data statement.
+    ///
+    /// An unreachable store gives [`LedgerError::Unreachable`] naming the contact points, within
+    /// about `connect_timeout_ms + request_timeout_ms`.
+    pub async fn connect(config: CqlConfig) -> Result<CqlLedger> {
+        check_keyspace_name(&config)?;
+        if config.contact_points.is_empty() {
+            return Err(LedgerError::BadUrl {
+                url: config.display_url(),
+                reason: "no contact points".into(),
+            });
+        }
+        let session = open_session(&config).await?;
+        let ddl = Ddl {
+            session: &session,
+            config: &config,
+        };
+        ddl.ensure_schema().await?;
+
+        let ks = &config.keyspace;
+        let inner = Inner {
+            insert_trade: ddl
+                .prepare(&format!(
+                    "INSERT INTO {ks}.trades (trade_id, output_sequence, symbol, buyer_user_id, \
+                     seller_user_id, price, quantity, timestamp_ns, lsn) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+                ))
+                .await?,
+            insert_movement: ddl
+                .prepare(&format!(
+                    "INSERT INTO {ks}.movements (output_sequence, kind, user_id, asset, amount, lsn) \
+                     VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+                ))
+                .await?,
+            insert_balance: ddl
+                .prepare(&format!(
+                    "INSERT INTO {ks}.balances (user_id, asset, amount, last_lsn) \
+                     VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+                ))
+                .await?,
+            select_trade_lsn: ddl
+                .prepare(&format!("SELECT lsn FROM {ks}.trades WHERE trade_id = ?"))
+                .await?,
+            select_movement_lsn: ddl
+                .prepare(&format!(
+                    "SELECT lsn FROM {ks}.movements WHERE output_sequence = ?"
+                ))
+                .await?,
+            select_balances: ddl
+                .prepare(&format!(
+                    "SELECT asset, amount, last_lsn FROM {ks}.balances \
+                     WHERE user_id = ? AND asset IN ?"
+                ))
+                .await?,
+            scan_trades: ddl
+                .prepare_scan(&format!(
+                    "SELECT trade_id, output_sequence, symbol, buyer_user_id, seller_user_id, \
+                     price, quantity, timestamp_ns, lsn FROM {ks}.trades"
+                ))
+                .await?,
+            scan_movements: ddl
+                .prepare_scan(&format!(
+                    "SELECT output_sequence, kind, user_id, asset, amount, lsn FROM {ks}.movements"
+                ))
+                .await?,
+            scan_balances: ddl
+                .prepare_scan(&format!(
+                    "SELECT user_id, asset, amount, last_lsn FROM {ks}.balances"
+                ))
+                .await?,
+            session,
+            config,
+        };
+        tracing::info!(store = %inner.config.display_url(), "cql ledger connected");
+        Ok(CqlLedger {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The configuration this ledger was opened with.
+    pub fn config(&self) -> &CqlConfig {
+        &self.inner.config
+    }
+
+    /// The driver session (for benchmarks and diagnostics; data writes go through
+    /// [`Ledger::apply`]).
+    pub fn session(&self) -> &Session {
+        &self.inner.session
+    }
+
+    /// The schema version stored in the keyspace (`None` when the row is missing).
+    pub async fn stored_schema_version(&self) -> Result<Option<i32>> {
+        Ddl {
+            session: &self.inner.session,
+            config: &self.inner.config,
+        }
+        .read_version()
+        .await
+    }
+}
+
+fn check_keyspace_name(config: &CqlConfig) -> Result<()> {
+    let ks = &config.keyspace;
+    let ok = !ks.is_empty()
+        && ks.len() <= 48
+        && ks.starts_with(|c: char| c.is_ascii_alphabetic())
+        && ks.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(LedgerError::BadUrl {
+            url: config.display_url(),
+            reason:
+                "keyspace must start with a letter and hold only letters, digits and _ (at most 48)"
+                    .into(),
+        })
+    }
+}
+
+fn cql_consistency(c: Consistency) -> CqlConsistency {
+    match c {
+        Consistency::One => CqlConsistency::One,
+        Consistency::Quorum => CqlConsistency::Quorum,
+        Consistency::LocalQuorum => CqlConsistency::LocalQuorum,
+        Consistency::All => CqlConsistency::All,
+    }
+}
+
+fn target(config: &CqlConfig) -> String {
+    config.contact_points.join(",")
+}
+
+fn unreachable(config: &CqlConfig, reason: impl Into<String>) -> LedgerError {
+    LedgerError::Unreachable {
+        target: target(config),
+        reason: reason.into(),
+    }
+}
+
+/// Builds the session with explicit limits, bounded in time as a whole.
+async fn open_session(config: &CqlConfig) -> Result<Session> {
+    let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
+    let request_timeout = Duration::from_millis(config.request_timeout_ms.max(1));
+
+    let mut policy = DefaultPolicy::builder().token_aware(true);
+    if let Some(dc) = &config.datacenter {
+        policy = policy
+            .prefer_datacenter(dc.clone())
+            .permit_dc_failover(false);
+    }
+    // Retries are ours (counted, with backoff, unknown outcome reported): the driver's own
+    // retry policy is turned off so `max_attempts` means what it says.
+    let profile = ExecutionProfile::builder()
+        .consistency(cql_consistency(config.consistency))
+        .request_timeout(Some(request_timeout))
+        .retry_policy(Arc::new(FallthroughRetryPolicy::new()))
+        .load_balancing_policy(policy.build())
+        .build();
+
+    let mut builder = SessionBuilder::new()
+        .known_nodes(&config.contact_points)
+        .connection_timeout(connect_timeout)
+        .hostname_resolution_timeout(Some(connect_timeout))
+        .keyspaces_to_fetch([config.keyspace.clone()])
+        .schema_agreement_timeout(MIN_DDL_TIMEOUT.max(request_timeout) * 3)
+        .default_execution_profile_handle(profile.into_handle());
+    if let Some(dc) = &config.datacenter {
+        builder = builder.prefer_datacenter(dc.clone());
+    }
+
+    // The driver's connection timeout bounds each TCP connect; the outer bound also covers the
+    // handshake and the first metadata fetch, so a store that accepts connections but never
+    // answers cannot hang us either.
+    let bound = connect_timeout + request_timeout.max(Duration::from_secs(2));
+    let session = match tokio::time::timeout(bound, builder.build()).await {
+        Err(_) => {
+            return Err(unreachable(
+                config,
+                format!("no CQL session within {} ms", bound.as_millis()),
+            ))
+        }
+        Ok(Err(NewSessionError::IllegalConfig(reason))) => {
+            return Err(LedgerError::Other(format!(
+                "illegal driver configuration for {}: {reason}",
+                config.display_url()
+            )))
+        }
+        Ok(Err(e)) => return Err(unreachable(config, e.to_string())),
+        Ok(Ok(s)) => s,
+    };
+
+    if let Some(dc) = &config.datacenter {
+        let state = session.get_cluster_state();
+        let known: Vec<String> = state
+            .get_nodes_info()
+            .iter()
+            .filter_map(|n| n.datacenter.clone())
+            .collect();
+        if !known.iter().any(|d| d == dc) {
+            return Err(LedgerError::BadUrl {
+                url: config.display_url(),
+                reason: format!("datacenter {dc:?} is not in the cluster (known: {known:?})"),
+            });
+        }
+    }
+    Ok(session)
+}
+
+/// How an error is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ErrorClass {
+    /// No connection to any node (pool broken, empty plan, connection lost mid-request).
+    Connectivity,
+    /// The store answered but could not complete in time (timeouts, unavailable, overloaded):
+    /// for a write, an unknown outcome.
+    Transient,
+    /// The request itself is wrong; retrying cannot help.
+    Permanent,
+}
+
+fn classify(e: &ExecutionError) -> ErrorClass {
+    match e {
+        ExecutionError::ConnectionPoolError(_) | ExecutionError::EmptyPlan => {
+            ErrorClass::Connectivity
+        }
+        ExecutionError::RequestTimeout(_)
+        | ExecutionError::SchemaAgreementError(_)
+        | ExecutionError::MetadataError(_) => ErrorClass::Transient,
+        ExecutionError::PrepareError(p) => classify_prepare(p),
+        ExecutionError::LastAttemptError(a) => classify_attempt(a),
+        _ => ErrorClass::Permanent,
+    }
+}
+
+fn classify_prepare(e: &PrepareError) -> ErrorClass {
+    match e {
+        PrepareError::ConnectionPoolError(_) => ErrorClass::Connectivity,
+        PrepareError::AllAttemptsFailed { first_attempt } => classify_attempt(first_attempt),
+        _ => ErrorClass::Permanent,
+    }
+}
+
+fn classify_attempt(e: &RequestAttemptError) -> ErrorClass {
+    match e {
+        RequestAttemptError::BrokenConnectionError(_)
+        | RequestAttemptError::UnableToAllocStreamId => ErrorClass::Connectivity,
+        RequestAttemptError::DbError(db, _) => match db {
+            DbError::WriteTimeout { .. }
+            | DbError::ReadTimeout { .. }
+            | DbError::WriteFailure { .. }
+            | DbError::ReadFailure { .. }
+            | DbError::Unavailable { .. }
+            | DbError::Overloaded
+            | DbError::IsBootstrapping
+            | DbError::TruncateError
+            | DbError::ServerError
+            | DbError::RateLimitReached { .. } => ErrorClass::Transient,
+            _ => ErrorClass::Permanent,
+        },
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// A request that failed for good (after its retries).
+#[derive(Debug)]
+struct Failure {
+    attempts: u32,
+    class: ErrorClass,
+    error: String,
+}
+
+impl Failure {
+    /// For writes: a retryable failure is an unknown outcome.
+    fn into_write_error(self) -> LedgerError {
+        match self.class {
+            ErrorClass::Permanent => LedgerError::Rejected(self.error),
+            ErrorClass::Connectivity | ErrorClass::Transient => LedgerError::Unknown {
+                attempts: self.attempts,
+                reason: self.error,
+            },
+        }
+    }
+
+    /// For reads and schema work.
+    fn into_read_error(self, config: &CqlConfig) -> LedgerError {
+        match self.class {
+            ErrorClass::Permanent => LedgerError::Rejected(self.error),
+            ErrorClass::Connectivity => unreachable(
+                config,
+                format!("{} (after {} attempts)", self.error, self.attempts),
+            ),
+            ErrorClass::Transient => LedgerError::Other(format!(
+                "request to {} failed after {} attempts: {}",
+                config.display_url(),
+                self.attempts,
+                self.error
+            )),
+        }
+    }
+}
+
+/// Delay before attempt `attempt + 1`: exponential from [`BACKOFF_BASE`], capped, with "equal
+/// jitter" (half fixed, half random) so concurrent batches do not retry in lockstep.
+fn backoff(attempt: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let ms = exp.min(BACKOFF_CAP).as_millis() as u64;
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Duration::from_millis(ms / 2 + random % (ms / 2 + 1))
+}
+
+/// Runs `op` until it succeeds, fails permanently, or `max_attempts` attempts ran.
+async fn with_retries<T, F, Fut>(max_attempts: u32, what: &str, mut op: F) -> Result<T, Failure>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, ExecutionError>>,
+{
+    let max_attempts = max_attempts.max(1);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let class = classify(&e);
+                if class == ErrorClass::Permanent || attempt >= max_attempts {
+                    if class != ErrorClass::Permanent {
+                        tracing::warn!(%what, attempt, error = %e, "cql request failed, no attempts left");
+                    }
+                    return Err(Failure {
+                        attempts: attempt,
+                        class,
+                        error: e.to_string(),
+                    });
+                }
+                let delay = backoff(attempt);
+                tracing::warn!(%what, attempt, max_attempts, ?delay, error = %e, "cql request failed, retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Schema creation and statement preparation at connect time.
+struct Ddl<'a> {
+    session: &'a Session,
+    config: &'a CqlConfig,
+}
+
+impl Ddl<'_> {
+    fn ddl_timeout(&self) -> Duration {
+        MIN_DDL_TIMEOUT.max(Duration::from_millis(self.config.request_timeout_ms))
+    }
+
+    async fn run(&self, cql: &str) -> Result<()> {
+        let mut st = Statement::new(cql);
+        st.set_request_timeout(Some(self.ddl_timeout()));
+        st.set_is_idempotent(true);
+        with_retries(self.config.max_attempts, "schema", || {
+            self.session.query_unpaged(st.clone(), ())
+        })
+        .await
+        .map(drop)
+        .map_err(|f| f.into_read_error(self.config))
+    }
+
+    async fn read_version(&self) -> Result<Option<i32>> {
+        let ks = &self.config.keyspace;
+        let mut st = Statement::new(format!(
+            "SELECT version FROM {ks}.schema_version WHERE component = 'ledger'"
+        ));
+        st.set_request_timeout(Some(self.ddl_timeout()));
+        let result = with_retries(self.config.max_attempts, "schema version", || {
+            self.session.query_unpaged(st.clone(), ())
+        })
+        .await
+        .map_err(|f| f.into_read_error(self.config))?;
+        let row = result
+            .into_rows_result()
+            .map_err(other)?
+            .maybe_first_row::<(Option<i32>,)>()
+            .map_err(other)?;
+        Ok(row.and_then(|(v,)| v))
+    }
+
+    async fn ensure_schema(&self) -> Result<()> {
+        let ks = &self.config.keyspace;
+        let rf = self.config.replication_factor.max(1);
+        self.run(&format!(
+            "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = \
+             {{'class': 'SimpleStrategy', 'replication_factor': {rf}}}"
+        ))
+        .await?;
+        self.run(&format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.schema_version (component text PRIMARY KEY, version int)"
+        ))
+        .await?;
+        let stored = self.read_version().await?;
+        if let Some(v) = stored {
+            if v > SCHEMA_VERSION {
+                return Err(LedgerError::Other(format!(
+                    "keyspace {ks} at {} has schema version {v}, newer than version \
+                     {SCHEMA_VERSION} that this build knows; upgrade settlement-wal (refusing to \
+                     write to a schema it does not understand)",
+                    target(self.config)
+                )));
+            }
+        }
+        self.run(&format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.trades (trade_id bigint PRIMARY KEY, \
+             output_sequence bigint, symbol text, buyer_user_id bigint, seller_user_id bigint, \
+             price bigint, quantity bigint, timestamp_ns bigint, lsn bigint)"
+        ))
+        .await?;
+        self.run(&format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.movements (output_sequence bigint PRIMARY KEY, \
+             kind text, user_id bigint, asset text, amount bigint, lsn bigint)"
+        ))
+        .await?;
+        self.run(&format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.balances (user_id bigint, asset text, \
+             amount bigint, last_lsn bigint, PRIMARY KEY ((user_id), asset))"
+        ))
+        .await?;
+        if stored.is_none_or(|v| v < SCHEMA_VERSION) {
+            // The write timestamp is the version: concurrent connects of different versions
+            // converge on the highest one (last write wins), never on an older one.
+            self.run(&format!(
+                "INSERT INTO {ks}.schema_version (component, version) VALUES ('ledger', \
+                 {SCHEMA_VERSION}) USING TIMESTAMP {SCHEMA_VERSION}"
+            ))
+            .await?;
+        }
+        // The driver already waits for agreement after each DDL statement; this makes it
+        // explicit (and covers a schema created by another client a moment ago).
+        self.session.await_schema_agreement().await.map_err(|e| {
+            LedgerError::Other(format!(
+                "schema agreement not reached at {}: {e}",
+                self.config.display_url()
+            ))
+        })?;
+        Ok(())
+    }
+
+    async fn prepare(&self, cql: &str) -> Result<PreparedStatement> {
+        let mut st = Statement::new(cql);
+        st.set_request_timeout(Some(self.ddl_timeout()));
+        let mut prepared = with_retries(self.config.max_attempts, "prepare", || {
+            let st = st.clone();
+            async move { self.session.prepare(st).await.map_err(ExecutionError::from) }
+        })
+        .await
+        .map_err(|f| f.into_read_error(self.config))?;
+        prepared.set_is_idempotent(true);
+        prepared.set_consistency(cql_consistency(self.config.consistency));
+        Ok(prepared)
+    }
+
+    async fn prepare_scan(&self, cql: &str) -> Result<PreparedStatement> {
+        let mut prepared = self.prepare(cql).await?;
+        prepared.set_page_size(SCAN_PAGE_SIZE);
+        Ok(prepared)
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Other(e.to_string())
+}
+
+fn to_i64(what: &str, v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| {
+        LedgerError::Invalid(format!(
+            "{what} {v} does not fit the store's bigint (at most {})",
+            i64::MAX
+        ))
+    })
+}
+
+fn to_u64(what: &str, v: i64) -> Result<u64> {
+    u64::try_from(v).map_err(|_| LedgerError::Other(format!("stored {what} {v} is negative")))
+}
+
+/// Bound values of one data statement; the variant decides which prepared statement it is for.
+/// The last value of each is the write timestamp (`USING TIMESTAMP ?`).
+#[derive(Clone, Debug)]
+enum RowValues {
+    Trade((i64, i64, String, i64, i64, i64, i64, i64, i64, i64)),
+    Movement((i64, &'static str, i64, String, i64, i64, i64)),
+    Balance((i64, String, i64, i64, i64)),
+}
+
+impl SerializeRow for RowValues {
+    fn serialize(
+        &self,
+        ctx: &RowSerializationContext<'_>,
+        writer: &mut RowWriter,
+    ) -> std::result::Result<(), SerializationError> {
+        match self {
+            RowValues::Trade(v) => v.serialize(ctx, writer),
+            RowValues::Movement(v) => v.serialize(ctx, writer),
+            RowValues::Balance(v) => v.serialize(ctx, writer),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+fn trade_values(t: &TradeRow) -> Result<RowValues> {
+    let lsn = to_i64("trade lsn", t.lsn)?;
+    Ok(RowValues::Trade((
+        to_i64("trade_id", t.trade_id)?,
+        to_i64("output_sequence", t.output_sequence)?,
+        t.symbol.clone(),
+        to_i64("buyer_user_id", t.buyer_user_id)?,
+        to_i64("seller_user_id", t.seller_user_id)?,
+        t.price,
+        t.quantity,
+        t.timestamp_ns,
+        lsn,
+        lsn,
+    )))
+}
+
+fn movement_values(m: &MovementRow) -> Result<RowValues> {
+    let lsn = to_i64("movement lsn", m.lsn)?;
+    Ok(RowValues::Movement((
+        to_i64("output_sequence", m.output_sequence)?,
+        m.kind.name(),
+        to_i64("user_id", m.user_id)?,
+        m.asset.clone(),
+        m.amount,
+        lsn,
+        lsn,
+    )))
+}
+
+fn balance_values(b: &BalanceWrite) -> Result<RowValues> {
+    let lsn = to_i64("balance lsn", b.lsn)?;
+    Ok(RowValues::Balance((
+        to_i64("user_id", b.key.user_id)?,
+        b.key.asset.clone(),
+        b.amount,
+        lsn,
+        lsn,
+    )))
+}
+
+/// Every row write of `entries`, in order: each entry's event row, then its balances.
+fn row_values(entries: &[EntryWrites]) -> Result<Vec<RowValues>> {
+    let mut rows = Vec::with_capacity(entries.iter().map(EntryWrites::row_count).sum());
+    for e in entries {
+        match &e.event {
+            Some(EventRow::Trade(t)) => rows.push(trade_values(t)?),
+            Some(EventRow::Movement(m)) => rows.push(movement_values(m)?),
+            None => {}
+        }
+        for b in &e.balances {
+            rows.push(balance_values(b)?);
+        }
+    }
+    Ok(rows)
+}
+
+impl Inner {
+    fn statement_for(&self, row: &RowValues) -> &PreparedStatement {
+        match row {
+            RowValues::Trade(_) => &self.insert_trade,
+            RowValues::Movement(_) => &self.insert_movement,
+            RowValues::Balance(_) => &self.insert_balance,
+        }
+    }
+
+    /// One UNLOGGED batch, retried while its outcome is unknown.
+    async fn execute_batch(&self, rows: Vec<RowValues>) -> Result<()> {
+        let mut batch = Batch::new(BatchType::Unlogged);
+        for row in &rows {
+            batch.append_statement(self.statement_for(row).clone());
+        }
+        batch.set_consistency(cql_consistency(self.config.consistency));
+        batch.set_is_idempotent(true);
+        let result = with_retries(self.config.max_attempts, "apply batch", || {
+            self.session.batch(&batch, &rows)
+        })
+        .await
+        .map_err(Failure::into_write_error)?;
+        for warning in result.warnings() {
+            // A size warning means `batch_statements` is too high for these rows; the
+            // "unlogged batch covering N partitions" advisory is expected (that is the design).
+            if warning.contains("exceeding") {
+                tracing::warn!(store = %self.config.display_url(), %warning, statements = rows.len(), "store warned about a batch");
+            } else {
+                tracing::debug!(store = %self.config.display_url(), %warning, "store warning");
+            }
+        }
+        Ok(())
+    }
+
+    async fn read<V: SerializeRow>(
+        &self,
+        what: &str,
+        statement: &PreparedStatement,
+        values: V,
+    ) -> Result<QueryResult> {
+        with_retries(self.config.max_attempts, what, || {
+            self.session.execute_unpaged(statement, &values)
+        })
+        .await
+        .map_err(|f| f.into_read_error(&self.config))
+    }
+
+    async fn read_lsn(
+        &self,
+        what: &str,
+        statement: &PreparedStatement,
+        key: u64,
+    ) -> Result<Option<Lsn>> {
+        let key = to_i64(what, key)?;
+        let result = self.read(what, statement, (key,)).await?;
+        let row = result
+            .into_rows_result()
+            .map_err(other)?
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(other)?;
+        match row {
+            None => Ok(None),
+            Some((None,)) => Err(LedgerError::Other(format!("{what} {key}: row without lsn"))),
+            Some((Some(lsn),)) => Ok(Some(to_u64("lsn", lsn)?)),
+        }
+    }
+
+    /// Reads the rows of one user's partition for `assets`.
+    async fn read_user_balances(
+        &self,
+        user: u64,
+        assets: Vec<String>,
+    ) -> Result<Vec<(String, BalanceRow)>> {
+        let uid = to_i64("user_id", user)?;
+        let result = self
+            .read("read balances", &self.select_balances, (uid, assets))
+            .await?;
+        let rows = result.into_rows_result().map_err(other)?;
+        let mut out = Vec::new();
+        for row in rows.rows::<(String, i64, i64)>().map_err(other)? {
+            let (asset, amount, last_lsn) = row.map_err(other)?;
+            out.push((
+                asset,
+                BalanceRow {
+                    amount,
+                    last_lsn: to_u64("last_lsn", last_lsn)?,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A full-table scan, page by page; each page is retried on its own.
+    async fn scan<R, T>(
+        &self,
+        what: &str,
+        statement: &PreparedStatement,
+        mut convert: impl FnMut(R) -> Result<T>,
+    ) -> Result<Vec<T>>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
+        let mut out = Vec::new();
+        let mut paging = PagingState::start();
+        loop {
+            let (result, next) = with_retries(self.config.max_attempts, what, || {
+                self.session
+                    .execute_single_page(statement, (), paging.clone())
+            })
+            .await
+            .map_err(|f| f.into_read_error(&self.config))?;
+            let rows = result.into_rows_result().map_err(other)?;
+            for row in rows.rows::<R>().map_err(other)? {
+                out.push(convert(row.map_err(other)?)?);
+            }
+            match next {
+                PagingStateResponse::HasMorePages { state } => paging = state,
+                PagingStateResponse::NoMorePages => return Ok(out),
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Ledger for CqlLedger {
+    async fn apply(&self, entries: &[EntryWrites]) -> Result<()> {
+        validate_entries(entries)?;
+        let rows = row_values(entries)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let per_batch = self.inner.config.max_statements_per_batch.max(1);
+        let inflight = self.inner.config.max_inflight_batches.max(1);
+        if rows.len() <= per_batch {
+            return self.inner.execute_batch(rows).await;
+        }
+
+        let mut chunks = Vec::with_capacity(rows.len().div_ceil(per_batch));
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            chunks.push(rows.by_ref().take(per_batch).collect::<Vec<_>>());
+        }
+        let mut chunks = chunks.into_iter();
+        let mut running = JoinSet::new();
+        let mut first_error: Option<LedgerError> = None;
+        loop {
+            // Keep up to `inflight` batches executing; after an error start no new ones.
+            while first_error.is_none() && running.len() < inflight {
+                let Some(chunk) = chunks.next() else { break };
+                let inner = Arc::clone(&self.inner);
+                running.spawn(async move { inner.execute_batch(chunk).await });
+            }
+            // Wait for every started batch, even after an error, so nothing of this call is
+            // still being retried when it returns.
+            match running.join_next().await {
+                None => break,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => {
+                    first_error.get_or_insert(e);
+                }
+                Some(Err(join)) => {
+                    first_error
+                        .get_or_insert(LedgerError::Other(format!("a batch task failed: {join}")));
+                }
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    async fn trade_lsn(&self, trade_id: u64) -> Result<Option<Lsn>> {
+        self.inner
+            .read_lsn("trade_id", &self.inner.select_trade_lsn, trade_id)
+            .await
+    }
+
+    async fn movement_lsn(&self, output_sequence: u64) -> Result<Option<Lsn>> {
+        self.inner
+            .read_lsn(
+                "output_sequence",
+                &self.inner.select_movement_lsn,
+                output_sequence,
+            )
+            .await
+    }
+
+    async fn read_balances(&self, keys: &[BalanceKey]) -> Result<Vec<Option<BalanceRow>>> {
+        // One query per user partition (`asset IN ?`), several in flight.
+        let mut by_user: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        for k in keys {
+            let assets = by_user.entry(k.user_id).or_default();
+            if !assets.contains(&k.asset) {
+                assets.push(k.asset.clone());
+            }
+        }
+        let mut found: std::collections::HashMap<BalanceKey, BalanceRow> = Default::default();
+        let inflight = self.inner.config.max_inflight_batches.max(1);
+        let mut users = by_user.into_iter();
+        let mut running = JoinSet::new();
+        let mut first_error: Option<LedgerError> = None;
+        loop {
+            while first_error.is_none() && running.len() < inflight {
+                let Some((user, assets)) = users.next() else {
+                    break;
+                };
+                let inner = Arc::clone(&self.inner);
+                running.spawn(async move {
+                    inner
+                        .read_user_balances(user, assets)
+                        .await
+                        .map(|rows| (user, rows))
+                });
+            }
+            match running.join_next().await {
+                None => break,
+                Some(Ok(Ok((user, rows)))) => {
+                    for (asset, row) in rows {
+                        found.insert(BalanceKey::new(user, asset), row);
+                    }
+                }
+                Some(Ok(Err(e))) => {
+                    first_error.get_or_insert(e);
+                }
+                Some(Err(join)) => {
+                    first_error
+                        .get_or_insert(LedgerError::Other(format!("a read task failed: {join}")));
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        Ok(keys.iter().map(|k| found.get(k).copied()).collect())
+    }
+
+    async fn scan_balances(&self) -> Result<Vec<(BalanceKey, BalanceRow)>> {
+        self.inner
+            .scan(
+                "scan balances",
+                &self.inner.scan_balances,
+                |(user_id, asset, amount, last_lsn): (i64, String, i64, i64)| {
+                    Ok((
+                        BalanceKey::new(to_u64("user_id", user_id)?, asset),
+                        BalanceRow {
+                            amount,
+                            last_lsn: to_u64("last_lsn", last_lsn)?,
+                        },
+                    ))
+                },
+            )
+            .await
+    }
+
+    async fn scan_trades(&self) -> Result<Vec<TradeRow>> {
+        type Row = (i64, i64, String, i64, i64, i64, i64, i64, i64);
+        self.inner
+            .scan("scan trades", &self.inner.scan_trades, |r: Row| {
+                Ok(TradeRow {
+                    trade_id: to_u64("trade_id", r.0)?,
+                    output_sequence: to_u64("output_sequence", r.1)?,
+                    symbol: r.2,
+                    buyer_user_id: to_u64("buyer_user_id", r.3)?,
+                    seller_user_id: to_u64("seller_user_id", r.4)?,
+                    price: r.5,
+                    quantity: r.6,
+                    timestamp_ns: r.7,
+                    lsn: to_u64("lsn", r.8)?,
+                })
+            })
+            .await
+    }
+
+    async fn scan_movements(&self) -> Result<Vec<MovementRow>> {
+        type Row = (i64, String, i64, String, i64, i64);
+        self.inner
+            .scan("scan movements", &self.inner.scan_movements, |r: Row| {
+                let kind = MovementKind::from_name(&r.1).ok_or_else(|| {
+                    LedgerError::Other(format!("movement {} has unknown kind {:?}", r.0, r.1))
+                })?;
+                Ok(MovementRow {
+                    output_sequence: to_u64("output_sequence", r.0)?,
+                    kind,
+                    user_id: to_u64("user_id", r.2)?,
+                    asset: r.3,
+                    amount: r.4,
+                    lsn: to_u64("lsn", r.5)?,
+                })
+            })
+            .await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.config.display_url()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn u64_values_that_do_not_fit_are_invalid_not_a_panic() {
+        let mut e = crate::ledger::conformance::deposit_entry(1, 2, 3, "BTC", 5, 5);
+        assert!(row_values(std::slice::from_ref(&e)).is_ok());
+        e.balances[0].key.user_id = u64::MAX;
+        let err = row_values(&[e.clone()]).unwrap_err();
+        assert!(matches!(err, LedgerError::Invalid(_)), "{err}");
+        e.balances[0].key.user_id = 3;
+        e.balances[0].lsn = 1 << 63;
+        assert!(matches!(
+            row_values(&[e]).unwrap_err(),
+            LedgerError::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn every_statement_carries_its_lsn_as_timestamp() {
+        let e = crate::ledger::conformance::trade_entry(42, 7, 1, 2, [1, -1, -1, 1]);
+        for row in row_values(&[e]).unwrap() {
+            match row {
+                RowValues::Trade(v) => assert_eq!((v.8, v.9), (42, 42)),
+                RowValues::Balance(v) => assert_eq!((v.3, v.4), (42, 42)),
+                RowValues::Movement(_) => unreachable!(),
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        for attempt in 1..40 {
+            let d = backoff(attempt);
+            assert!(d <= BACKOFF_CAP, "{attempt}: {d:?}");
+            assert!(d >= BACKOFF_BASE / 2, "{attempt}: {d:?}");
+        }
+        assert!(backoff(10) >= BACKOFF_CAP / 2);
+    }
+
+    #[test]
+    fn timeouts_and_lost_connections_are_retried_bad_requests_are_not() {
+        use scylla::errors::WriteType;
+        use scylla::statement::Consistency as C;
+        let wt = ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+            DbError::WriteTimeout {
+                consistency: C::One,
+                received: 0,
+                required: 1,
+                write_type: WriteType::UnloggedBatch,
+            },
+            "timeout".into(),
+        ));
+        assert_eq!(classify(&wt), ErrorClass::Transient);
+        assert_eq!(
+            classify(&ExecutionError::RequestTimeout(Duration::from_secs(1))),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            classify(&ExecutionError::EmptyPlan),
+            ErrorClass::Connectivity
+        );
+        let invalid = ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+            DbError::Invalid,
+            "bad".into(),
+        ));
+        assert_eq!(classify(&invalid), ErrorClass::Permanent);
+    }
+}
