@@ -283,3 +283,44 @@ async fn values_beyond_bigint_are_invalid_and_nothing_is_written() {
     assert!(matches!(err, LedgerError::Invalid(_)), "{err}");
     drop_keyspace(&ledger, &keyspace).await;
 }
+
+/// The negative control of the check above: batches far larger than the default do show up in
+/// the node's log as "exceeding", so an empty grep there means something.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_batches_do_trip_the_size_warning() {
+    let keyspace = fresh_keyspace("oversize");
+    let mut config = config_for(&keyspace);
+    config.max_statements_per_batch = 300;
+    let ledger = match CqlLedger::connect(config).await {
+        Ok(l) => l,
+        Err(_) => {
+            drop(connect_or_skip("oversize").await);
+            return;
+        }
+    };
+    let Some(_) = node_log() else {
+        eprintln!("note: node log not found; nothing to check");
+        return;
+    };
+    let entries: Vec<EntryWrites> = (0..60u64)
+        .map(|i| trade_entry(i + 1, i + 1, 1000 + i, 2000 + i, [1, -1, -1, 1]))
+        .collect();
+    ledger.apply(&entries).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = node_log().unwrap_or_default();
+        let hit = log
+            .lines()
+            .find(|l| l.contains(&keyspace) && l.contains("exceeding"));
+        if let Some(line) = hit {
+            eprintln!("node log: {line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a 300-statement batch did not produce a size warning for {keyspace}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop_keyspace(&ledger, &keyspace).await;
+}
