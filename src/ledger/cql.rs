@@ -346,7 +346,7 @@ fn classify_attempt(e: &RequestAttemptError) -> ErrorClass {
     match e {
         RequestAttemptError::BrokenConnectionError(_)
         | RequestAttemptError::UnableToAllocStreamId => ErrorClass::Connectivity,
-        RequestAttemptError::DbError(db, _) => match db {
+        RequestAttemptError::DbError(
             DbError::WriteTimeout { .. }
             | DbError::ReadTimeout { .. }
             | DbError::WriteFailure { .. }
@@ -356,9 +356,9 @@ fn classify_attempt(e: &RequestAttemptError) -> ErrorClass {
             | DbError::IsBootstrapping
             | DbError::TruncateError
             | DbError::ServerError
-            | DbError::RateLimitReached { .. } => ErrorClass::Transient,
-            _ => ErrorClass::Permanent,
-        },
+            | DbError::RateLimitReached { .. },
+            _,
+        ) => ErrorClass::Transient,
         _ => ErrorClass::Permanent,
     }
 }
