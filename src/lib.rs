@@ -7,4 +7,9 @@
 
 #![deny(missing_docs)]
 
+pub mod app;
+pub mod ingest;
+pub mod ledger;
+pub mod observe;
+pub mod settle;
 pub mod wal;

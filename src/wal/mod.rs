@@ -67,6 +67,15 @@ use tracker::Tracker;
 /// Most records one [`Wal::append_batch`] call may carry.
 pub const MAX_BATCH_RECORDS: usize = 64 * 1024;
 
+/// Pages of the active segment are prefaulted writable this far ahead of the write offset, so
+/// appends do not take a page fault per new page (msync leaves the pages it cleaned
+/// write-protected; pages ahead of the synced range stay writable).
+const PREFAULT_WINDOW_BYTES: usize = 1024 * 1024;
+
+/// Default upper bound on how long a group-commit leader waits for the writers of the previous
+/// group to append again before it syncs.
+pub const DEFAULT_GROUP_COMMIT_WAIT_US: u64 = 100;
+
 /// What happens to a segment once every entry in it (and in all older ones) is committed.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum Retention {
@@ -85,6 +94,7 @@ pub enum Retention {
 pub struct WalOptions {
     segment_size_bytes: u64,
     first_lsn: Lsn,
+    group_commit_wait_us: u64,
     retention: Retention,
     fs: Arc<dyn WalFs>,
 }
@@ -94,6 +104,7 @@ impl Default for WalOptions {
         WalOptions {
             segment_size_bytes: DEFAULT_SEGMENT_SIZE_BYTES,
             first_lsn: 1,
+            group_commit_wait_us: DEFAULT_GROUP_COMMIT_WAIT_US,
             retention: Retention::Delete,
             fs: Arc::new(OsFs),
         }
@@ -112,6 +123,14 @@ impl WalOptions {
     /// LSNs (the WAL directory was lost) starts above them, so LSNs keep increasing.
     pub fn first_lsn(mut self, lsn: Lsn) -> Self {
         self.first_lsn = lsn.max(1);
+        self
+    }
+
+    /// How long (at most) a group-commit leader waits for as many writers as its previous group
+    /// had before it syncs (default 100 us; 0 syncs at once). A lone writer never waits: the
+    /// expected group size adapts to the number of writers actually seen.
+    pub fn group_commit_wait_us(mut self, wait_us: u64) -> Self {
+        self.group_commit_wait_us = wait_us.min(10_000);
         self
     }
 
@@ -214,6 +233,8 @@ struct State {
     write_offset: usize,
     /// Start of the active segment's range not yet synced.
     sync_from: usize,
+    /// Offset up to which the active segment's pages were prefaulted writable.
+    prefaulted_to: usize,
     next_lsn: Lsn,
     tracker: Tracker,
     failed: Option<String>,
@@ -222,6 +243,10 @@ struct State {
 struct SyncState {
     durable_lsn: Lsn,
     leader_active: bool,
+    /// Threads inside `sync_to` (waiting or leading).
+    callers: usize,
+    /// How many callers the last sync served: the group size a new leader waits for.
+    last_group: usize,
     failed: Option<String>,
 }
 
@@ -232,6 +257,8 @@ pub struct Wal {
     state: Mutex<State>,
     sync_state: Mutex<SyncState>,
     sync_done: Condvar,
+    /// Signalled when a caller enters `sync_to`; only a gathering leader waits on it.
+    sync_arrival: Condvar,
     last_appended_lsn: AtomicU64,
     stat_records: AtomicU64,
     stat_bytes: AtomicU64,
@@ -382,6 +409,7 @@ impl Wal {
                 segments,
                 write_offset,
                 sync_from: write_offset,
+                prefaulted_to: write_offset,
                 next_lsn,
                 tracker,
                 failed: None,
@@ -389,9 +417,12 @@ impl Wal {
             sync_state: Mutex::new(SyncState {
                 durable_lsn: last,
                 leader_active: false,
+                callers: 0,
+                last_group: 1,
                 failed: None,
             }),
             sync_done: Condvar::new(),
+            sync_arrival: Condvar::new(),
             last_appended_lsn: AtomicU64::new(last),
             stat_records: AtomicU64::new(0),
             stat_bytes: AtomicU64::new(0),
@@ -671,6 +702,18 @@ impl Wal {
         }
         st.write_offset += size;
         st.next_lsn += 1;
+        if st.write_offset + PREFAULT_WINDOW_BYTES / 2 > st.prefaulted_to {
+            let from = st.prefaulted_to.max(st.write_offset);
+            let to = (from + PREFAULT_WINDOW_BYTES).min(seg.map.len());
+            if to > from {
+                // An optimization only: on a kernel without MADV_POPULATE_WRITE (before 5.14)
+                // appends simply take the page faults.
+                let _ = seg
+                    .map
+                    .advise_range(memmap2::Advice::PopulateWrite, from, to - from);
+            }
+            st.prefaulted_to = to;
+        }
         self.last_appended_lsn.store(lsn, Ordering::Release);
         self.stat_records.fetch_add(1, Ordering::Relaxed);
         self.stat_bytes.fetch_add(size as u64, Ordering::Relaxed);
@@ -703,12 +746,26 @@ impl Wal {
         st.segments.push(Arc::new(seg));
         st.write_offset = SEGMENT_HEADER_SIZE_BYTES;
         st.sync_from = SEGMENT_HEADER_SIZE_BYTES;
+        st.prefaulted_to = SEGMENT_HEADER_SIZE_BYTES;
         self.stat_segments_created.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     fn sync_to(&self, target: Lsn) -> Result<Lsn> {
         let mut s = self.sync_state.lock();
+        s.callers += 1;
+        // Wake a leader that is gathering its group.
+        self.sync_arrival.notify_one();
+        let result = self.sync_to_locked(&mut s, target);
+        s.callers -= 1;
+        result
+    }
+
+    fn sync_to_locked(
+        &self,
+        s: &mut parking_lot::MutexGuard<'_, SyncState>,
+        target: Lsn,
+    ) -> Result<Lsn> {
         loop {
             if let Some(cause) = &s.failed {
                 return Err(WalError::Failed {
@@ -722,13 +779,24 @@ impl Wal {
                 s.leader_active = true;
                 break;
             }
-            self.sync_done.wait(&mut s);
+            self.sync_done.wait(s);
         }
-        drop(s);
-        // Leader: sync everything appended so far, for ourselves and every waiting follower.
-        let result = self.sync_as_leader();
-        let mut s = self.sync_state.lock();
+        // Leader. Writers released by the previous sync are appending again right now; wait
+        // (bounded) until as many callers as last time have arrived, so one msync serves them
+        // all instead of the group splitting in two.
+        let wait = Duration::from_micros(self.options.group_commit_wait_us);
+        if s.last_group > 1 && !wait.is_zero() {
+            let deadline = Instant::now() + wait;
+            while s.callers < s.last_group {
+                if self.sync_arrival.wait_until(s, deadline).timed_out() {
+                    break;
+                }
+            }
+        }
+        let group = s.callers;
+        let result = parking_lot::MutexGuard::unlocked(s, || self.sync_as_leader());
         s.leader_active = false;
+        s.last_group = group.max(1);
         let out = match result {
             Ok(end_lsn) => {
                 assert!(end_lsn >= target, "a leader syncs at least its own target");

@@ -1,0 +1,236 @@
+//! `settlement`: the long-running settlement process (a thin wrapper over the library).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use settlement_wal::app::{self, RunOptions};
+use settlement_wal::ingest::Input;
+use settlement_wal::ledger::StoreUrl;
+use settlement_wal::observe::{init_logging, LogFormat};
+use settlement_wal::settle::demo::DemoSpec;
+use settlement_wal::settle::{GapPolicy, PipelineSettings};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Settles matched trades into ScyllaDB/Cassandra through a write-ahead log: never lost, never applied twice."
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, global = true, default_value = "human")]
+    log_format: LogFormatArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnGap {
+    /// Log and count the gap, carry on.
+    Log,
+    /// Stop after settling what came before the gap.
+    Halt,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Recover, then settle messages until end of input (file, -) or SIGINT/SIGTERM.
+    Run {
+        /// FILE (JSON lines), - for stdin, or zmq+tcp://HOST:PORT.
+        #[arg(long)]
+        input: Input,
+        /// WAL directory.
+        #[arg(long, default_value = "./data/wal")]
+        wal_dir: PathBuf,
+        /// embedded:PATH or cql://HOST:PORT[,HOST:PORT]/KEYSPACE[?consistency=one&dc=NAME].
+        #[arg(long, default_value = "embedded:./data/ledger.redb")]
+        store: StoreUrl,
+        /// Rejected messages with their reasons (JSON lines).
+        #[arg(long, default_value = "./data/rejects.jsonl")]
+        rejects: PathBuf,
+        /// Flush a micro-batch at this many events (1..=10000).
+        #[arg(long, default_value_t = 1000)]
+        batch_max: usize,
+        /// ... or when its first event has waited this long.
+        #[arg(long, default_value_t = 2)]
+        batch_delay_ms: u64,
+        /// Store batches in flight (1..=256).
+        #[arg(long, default_value_t = 8)]
+        inflight: usize,
+        /// What to do on a gap in output_sequence.
+        #[arg(long, value_enum, default_value = "log")]
+        on_gap: OnGap,
+        /// Keep diverged rows as the store has them instead of stopping at recovery.
+        #[arg(long)]
+        accept_divergence: bool,
+        /// Run recovery and exit.
+        #[arg(long)]
+        recover_only: bool,
+        /// Serve Prometheus /metrics and /health on this address (e.g. 127.0.0.1:9184).
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
+        /// WAL segment size in MiB.
+        #[arg(long, default_value_t = 64)]
+        segment_mib: u64,
+        /// No progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Print every balance row.
+    Balances {
+        /// The store.
+        #[arg(long, default_value = "embedded:./data/ledger.redb")]
+        store: StoreUrl,
+        /// JSON array output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prove conservation (P7) and that every balance matches its trades; exit 1 when not.
+    Audit {
+        /// The store.
+        #[arg(long, default_value = "embedded:./data/ledger.redb")]
+        store: StoreUrl,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settle seeded synthetic trades on a fresh embedded store and audit the result.
+    Demo {
+        /// Working directory (cleared first).
+        #[arg(long, default_value = "./data/demo")]
+        dir: PathBuf,
+        /// Number of trades.
+        #[arg(long, default_value_t = 20_000)]
+        trades: u64,
+        /// Number of users.
+        #[arg(long, default_value_t = 100)]
+        users: u64,
+        /// PRNG seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(match cli.log_format {
+        LogFormatArg::Human => LogFormat::Human,
+        LogFormatArg::Json => LogFormat::Json,
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(execute(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run {
+            input,
+            wal_dir,
+            store,
+            rejects,
+            batch_max,
+            batch_delay_ms,
+            inflight,
+            on_gap,
+            accept_divergence,
+            recover_only,
+            metrics_addr,
+            segment_mib,
+            no_progress,
+        } => {
+            let mut options = RunOptions::new(input);
+            options.wal_dir = wal_dir;
+            options.store = store;
+            options.rejects = Some(rejects);
+            options.pipeline = PipelineSettings {
+                batch_max,
+                batch_delay_ms,
+                inflight,
+                on_gap: match on_gap {
+                    OnGap::Log => GapPolicy::Log,
+                    OnGap::Halt => GapPolicy::Halt,
+                },
+                ..PipelineSettings::default()
+            };
+            options.segment_size_bytes = segment_mib.clamp(1, 1024) << 20;
+            options.accept_divergence = accept_divergence;
+            options.recover_only = recover_only;
+            options.metrics_addr = metrics_addr;
+            options.progress = !no_progress;
+            let shutdown = app::shutdown_on_signals()?;
+            app::run(options, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Balances { store, json } => {
+            let rows = app::balances(&store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:>10} {:<8} {:>20} {:>12}",
+                    "user_id", "asset", "amount", "last_lsn"
+                );
+                for r in rows {
+                    println!(
+                        "{:>10} {:<8} {:>20} {:>12}",
+                        r.user_id, r.asset, r.amount, r.last_lsn
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { store, json } => {
+            let report = app::audit_store(&store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Demo {
+            dir,
+            trades,
+            users,
+            seed,
+        } => {
+            app::demo(
+                &dir,
+                DemoSpec {
+                    seed,
+                    users: users.max(2),
+                    trades,
+                    ..DemoSpec::default()
+                },
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
