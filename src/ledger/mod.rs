@@ -13,6 +13,7 @@
 pub mod conformance;
 pub mod cql;
 pub mod embedded;
+pub mod sim;
 mod url;
 
 use std::fmt;

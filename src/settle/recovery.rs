@@ -115,17 +115,27 @@ pub async fn plan(
                     .map_err(|reason| SettleError::BadEntry { lsn: p.lsn, reason })
             })
             .collect::<Result<_, _>>()?;
-        let event_lsns: Vec<Option<Lsn>> = stream::iter(decoded.iter().map(|(_, e)| async move {
-            match &e.event {
-                Event::Trade(t) => ledger.trade_lsn(t.trade_id).await,
-                Event::Movement(m) => ledger.movement_lsn(m.output_sequence).await,
-            }
-        }))
-        .buffered(RECOVERY_CONCURRENCY)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+        // Owned ids (not borrows of `decoded`) keep the future `Send` for any caller.
+        let lookups: Vec<(bool, u64)> = decoded
+            .iter()
+            .map(|(_, e)| match &e.event {
+                Event::Trade(t) => (true, t.trade_id),
+                Event::Movement(m) => (false, m.output_sequence),
+            })
+            .collect();
+        let event_lsns: Vec<Option<Lsn>> = stream::iter(lookups)
+            .map(|(is_trade, id)| async move {
+                if is_trade {
+                    ledger.trade_lsn(id).await
+                } else {
+                    ledger.movement_lsn(id).await
+                }
+            })
+            .buffered(RECOVERY_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
         let keys: Vec<BalanceKey> = decoded
             .iter()
             .flat_map(|(_, e)| e.post_images.iter().map(|(k, _)| k.clone()))

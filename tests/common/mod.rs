@@ -88,3 +88,74 @@ impl Rng {
         lo + self.next_u64() % (hi - lo)
     }
 }
+
+/// An independent model of settlement (written from the interface contract, sharing no code with
+/// the library): final balances, the trades and movements that must be settled, and the number
+/// of messages that must be rejected.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    pub balances: std::collections::BTreeMap<(u64, String), i64>,
+    pub trades: std::collections::BTreeSet<u64>,
+    pub movements: std::collections::BTreeSet<u64>,
+    pub rejected: u64,
+}
+
+pub fn model(lines: &[String]) -> Model {
+    use serde_json::Value;
+    let mut m = Model::default();
+    let mut last_seq: Option<u64> = None;
+    for line in lines {
+        let Ok(Value::Object(o)) = serde_json::from_str::<Value>(line) else {
+            m.rejected += 1;
+            continue;
+        };
+        let Some(seq) = o.get("output_sequence").and_then(Value::as_u64) else {
+            m.rejected += 1;
+            continue;
+        };
+        if last_seq.is_some_and(|l| seq <= l) {
+            continue; // duplicate
+        }
+        last_seq = Some(seq);
+        let pos = |k: &str| o.get(k).and_then(Value::as_i64).filter(|v| *v > 0);
+        match o.get("type").and_then(Value::as_str) {
+            None => {
+                let sym = o.get("symbol").and_then(Value::as_str).unwrap_or("");
+                let parts: Vec<&str> = sym.split('-').collect();
+                let (Some(p), Some(q), Some(b), Some(s), Some(id), true) = (
+                    pos("price"),
+                    pos("quantity"),
+                    o.get("buyer_user_id").and_then(Value::as_u64),
+                    o.get("seller_user_id").and_then(Value::as_u64),
+                    o.get("trade_id").and_then(Value::as_u64),
+                    parts.len() == 2 && parts[0] != parts[1],
+                ) else {
+                    m.rejected += 1;
+                    continue;
+                };
+                let n = p * q;
+                *m.balances.entry((b, parts[0].into())).or_default() += q;
+                *m.balances.entry((b, parts[1].into())).or_default() -= n;
+                *m.balances.entry((s, parts[0].into())).or_default() -= q;
+                *m.balances.entry((s, parts[1].into())).or_default() += n;
+                m.trades.insert(id);
+            }
+            Some(kind) => {
+                let user = o.get("user_id").and_then(Value::as_u64).unwrap();
+                let asset = o.get("asset").and_then(Value::as_str).unwrap().to_string();
+                let amount = pos("amount").unwrap();
+                let bal = m.balances.entry((user, asset)).or_default();
+                if kind == "deposit" {
+                    *bal += amount;
+                } else if *bal >= amount {
+                    *bal -= amount;
+                } else {
+                    m.rejected += 1;
+                    continue;
+                }
+                m.movements.insert(seq);
+            }
+        }
+    }
+    m
+}
