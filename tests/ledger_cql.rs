@@ -324,3 +324,41 @@ async fn oversized_batches_do_trip_the_size_warning() {
     }
     drop_keyspace(&ledger, &keyspace).await;
 }
+
+/// `dc=` turns on datacenter-aware load balancing; a datacenter the cluster does not have is a
+/// configuration error named at connect time, not an empty query plan on every write later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datacenter_preference_is_checked_at_connect() {
+    let Some((ledger, keyspace)) = connect_or_skip("dc").await else {
+        return;
+    };
+    let local_dc = ledger
+        .session()
+        .query_unpaged("SELECT data_center FROM system.local", ())
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row::<(String,)>()
+        .unwrap()
+        .0;
+    let mut config = config_for(&keyspace);
+    config.datacenter = Some(local_dc.clone());
+    let with_dc = CqlLedger::connect(config.clone()).await.unwrap();
+    with_dc
+        .apply(&[deposit_entry(1, 1, 1, "BTC", 5, 5)])
+        .await
+        .unwrap();
+    assert_eq!(with_dc.movement_lsn(1).await.unwrap(), Some(1));
+
+    config.datacenter = Some("no_such_dc".into());
+    let err = CqlLedger::connect(config).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, LedgerError::BadUrl { .. })
+            && msg.contains("no_such_dc")
+            && msg.contains(&local_dc),
+        "{msg}"
+    );
+    drop_keyspace(&ledger, &keyspace).await;
+}
