@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod ingest;
+pub mod inspect_cli;
 pub mod ledger;
 pub mod observe;
 pub mod settle;
