@@ -134,13 +134,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(execute(cli.command)) {
+    let code = match runtime.block_on(execute(cli.command)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // A blocking stdin read can outlive the work (the writer keeps the pipe open after SIGTERM):
+    // do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
 }
 
 async fn execute(command: Command) -> anyhow::Result<ExitCode> {

@@ -130,7 +130,7 @@ pub struct BalanceCache {
 
 impl BalanceCache {
     /// Rows of `event` that are not cached yet (to load from the store).
-    pub fn missing<'a>(&self, event: &'a Event, out: &mut Vec<BalanceKey>) {
+    pub fn missing(&self, event: &Event, out: &mut Vec<BalanceKey>) {
         let keys: Vec<BalanceKey> = match event {
             Event::Trade(t) => vec![
                 BalanceKey::new(t.buyer_user_id, &t.base),
@@ -169,12 +169,9 @@ impl BalanceCache {
 
     /// Computes the entry for `event` and updates the cache, or refuses the event (a withdrawal
     /// above the balance, an overflow) leaving the cache untouched. Every row must be loaded.
-    pub fn settle(&mut self, event: Event) -> Result<SettlementEntry, (Event, String)> {
+    pub fn settle(&mut self, event: Event) -> Result<SettlementEntry, String> {
         let Some(deltas) = deltas(&event) else {
-            return Err((
-                event,
-                "balance arithmetic overflows 64-bit minor units".into(),
-            ));
+            return Err("balance arithmetic overflows 64-bit minor units".into());
         };
         let mut post_images = Vec::with_capacity(deltas.len());
         for (key, delta) in deltas {
@@ -183,19 +180,15 @@ impl BalanceCache {
                 .get(&key)
                 .expect("rows are loaded before settling");
             let Some(after) = current.checked_add(delta) else {
-                return Err((
-                    event,
-                    format!("balance of {key} would overflow ({current} + {delta})"),
+                return Err(format!(
+                    "balance of {key} would overflow ({current} + {delta})"
                 ));
             };
             if let Event::Movement(m) = &event {
                 if m.kind == MovementKind::Withdraw && after < 0 {
-                    return Err((
-                        event.clone(),
-                        format!(
-                            "insufficient balance: {key} has {current}, withdrawal of {} refused",
-                            m.amount
-                        ),
+                    return Err(format!(
+                        "insufficient balance: {key} has {current}, withdrawal of {} refused",
+                        m.amount
                     ));
                 }
             }
@@ -260,13 +253,13 @@ mod tests {
         let w = ev(
             r#"{"output_sequence":2,"type":"withdraw","user_id":1,"asset":"USDT","amount":101}"#,
         );
-        let (_, reason) = c.settle(w).unwrap_err();
+        let reason = c.settle(w).unwrap_err();
         assert!(reason.contains("insufficient balance"), "{reason}");
         assert_eq!(c.get(&BalanceKey::new(1, "USDT")), Some(100));
         let big = ev(
             r#"{"output_sequence":3,"type":"deposit","user_id":1,"asset":"USDT","amount":9223372036854775807}"#,
         );
-        assert!(c.settle(big).unwrap_err().1.contains("overflow"));
+        assert!(c.settle(big).unwrap_err().contains("overflow"));
         assert_eq!(c.get(&BalanceKey::new(1, "USDT")), Some(100));
     }
 

@@ -356,11 +356,12 @@ impl Pipeline {
         }
         let mut settled: Vec<SettlementEntry> = Vec::with_capacity(events.len());
         for (event, bytes) in events {
+            let seq = event.output_sequence();
             match self.cache.settle(event) {
                 Ok(entry) => settled.push(entry),
-                Err((event, reason)) => {
+                Err(reason) => {
                     let rejection = Rejection {
-                        output_sequence: Some(event.output_sequence()),
+                        output_sequence: Some(seq),
                         reason,
                     };
                     self.reject(&bytes, &rejection)?;
@@ -426,6 +427,9 @@ impl Pipeline {
     }
 }
 
+/// An applied batch: `(first LSN, last LSN, events, started)`, or why it failed.
+type BatchOutcome = Result<(Lsn, Lsn, u64, Instant), SettleError>;
+
 /// Applies durable batches with up to `inflight` in flight; writes a commit marker for each
 /// acknowledged batch (P2) and checkpoints every `checkpoint_every` batches. Returns the number
 /// of events settled.
@@ -436,7 +440,7 @@ async fn apply_loop(
     inflight: usize,
     checkpoint_every: usize,
 ) -> Result<u64, SettleError> {
-    let mut running: JoinSet<Result<(Lsn, Lsn, u64, Instant), SettleError>> = JoinSet::new();
+    let mut running: JoinSet<BatchOutcome> = JoinSet::new();
     let mut settled = 0u64;
     let mut acked_batches = 0usize;
     let mut failure: Option<SettleError> = None;
@@ -489,7 +493,7 @@ async fn apply_loop(
 
 fn on_done(
     wal: &Wal,
-    done: Result<Result<(Lsn, Lsn, u64, Instant), SettleError>, tokio::task::JoinError>,
+    done: Result<BatchOutcome, tokio::task::JoinError>,
     settled: &mut u64,
     acked_batches: &mut usize,
     checkpoint_every: usize,
