@@ -481,6 +481,50 @@ fn verify_a_bit_flip_in_a_sealed_segment_exits_2_with_file_offset_expected_and_f
 }
 
 #[test]
+fn verify_looks_past_damage_and_checks_every_record_of_the_segment() {
+    let dir = temp_dir();
+    build_standard(dir.path());
+    let recs = layout(dir.path());
+    let seg0 = segment_files(dir.path())[0].clone();
+    let in_seg0 = recs.iter().filter(|r| r.0 == seg0).count();
+    for i in [10, 20] {
+        flip_bit(&recs[i].0, recs[i].1 + 26);
+    }
+    let o = run_dir(&["verify", "--json"], dir.path());
+    assert_eq!(code(&o), 2);
+    let v = json(&o);
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 2, "{v}");
+    let first = &problems[0];
+    assert_eq!(first["offset"], recs[10].1);
+    assert_eq!(first["resumes_at"]["offset"], recs[11].1);
+    assert_eq!(first["resumes_at"]["lsn"], recs[11].3);
+    assert_eq!(
+        first["resumes_at"]["lost_lsns"],
+        serde_json::json!([recs[10].3, recs[10].3])
+    );
+    assert_eq!(first["resumes_at"]["valid_records"], 9);
+    let second = &problems[1];
+    assert_eq!(second["offset"], recs[20].1);
+    assert_eq!(second["expected_lsn"], recs[20].3);
+    assert!(
+        second["what"].as_str().unwrap().contains("further damage"),
+        "{second}"
+    );
+    assert_eq!(second["resumes_at"]["valid_records"], in_seg0 - 21);
+    // Every record but the two damaged ones was verified.
+    assert_eq!(v["records"], recs.len() - 2);
+    let text = stdout(&run_dir(&["verify"], dir.path()));
+    assert!(
+        text.contains(&format!(
+            "valid records resume at offset {} with LSN {}",
+            recs[11].1, recs[11].3
+        )),
+        "{text}"
+    );
+}
+
+#[test]
 fn verify_a_missing_middle_segment_is_an_lsn_gap() {
     let dir = temp_dir();
     build_standard(dir.path());

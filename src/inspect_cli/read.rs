@@ -11,7 +11,7 @@ use super::source::{read_header, read_prefix};
 use crate::wal::format::{
     decode_payload, decode_record, parse_segment_file_name, CommitPayload, Decoded, HeaderError,
     RecordError, RecordType, SegmentHeader, MAX_PAYLOAD_SIZE_BYTES, MAX_RECORD_SIZE_BYTES,
-    RECORD_HEADER_SIZE_BYTES, SEGMENT_HEADER_SIZE_BYTES, SEGMENT_MAGIC,
+    RECORD_ALIGNMENT_BYTES, RECORD_HEADER_SIZE_BYTES, SEGMENT_HEADER_SIZE_BYTES, SEGMENT_MAGIC,
 };
 use crate::wal::{Inspection, Lsn, SegmentInfo, TailState};
 
@@ -34,6 +34,22 @@ pub(super) struct Problem {
     pub(super) found: String,
     /// The scanner's own words.
     pub(super) reason: String,
+    /// Where valid records of this segment resume after the damage (`None`: nothing valid
+    /// follows in this segment, as for a torn tail).
+    pub(super) resumes_at: Option<Resume>,
+}
+
+/// The first valid record after a damaged region of a segment.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(super) struct Resume {
+    /// Its offset.
+    pub(super) offset: u64,
+    /// Its LSN.
+    pub(super) lsn: Lsn,
+    /// LSNs that no valid record holds between the damage and it (`expected..lsn`), if any.
+    pub(super) lost_lsns: Option<(Lsn, Lsn)>,
+    /// Valid records from it to the next damage or the end of the segment.
+    pub(super) valid_records: u64,
 }
 
 impl Problem {
@@ -71,13 +87,19 @@ pub(super) fn problems(inspection: &Inspection) -> Vec<Problem> {
                 offset,
                 expected_lsn,
                 reason,
-            } => out.push(diagnose(
-                &seg.path,
-                *offset,
-                Some(*expected_lsn),
-                reason,
-                "corrupt",
-            )),
+            } => {
+                out.push(diagnose(
+                    &seg.path,
+                    *offset,
+                    Some(*expected_lsn),
+                    reason,
+                    "corrupt",
+                ));
+                if *offset >= SEGMENT_HEADER_SIZE_BYTES as u64 {
+                    let first = out.len() - 1;
+                    look_past(&seg.path, &mut out, first);
+                }
+            }
         }
         if let Some(p) = prev {
             let header_read = !(matches!(seg.tail, TailState::Corrupt { offset: 0, .. })
@@ -92,6 +114,7 @@ pub(super) fn problems(inspection: &Inspection) -> Vec<Problem> {
                     what: "first LSN of the segment (LSN sequence between segments)".into(),
                     expected: expected.to_string(),
                     found: seg.first_lsn.to_string(),
+                    resumes_at: None,
                     reason: if seg.first_lsn > expected {
                         format!(
                             "LSN gap: the previous segment ends before LSN {expected}, this one starts at {}: LSNs {expected}..={} are missing (a deleted or lost segment file?)",
@@ -152,6 +175,7 @@ fn diagnose(
         expected: "-".into(),
         found: "-".into(),
         reason: reason.to_string(),
+        resumes_at: None,
     };
     let header = match read_header(path) {
         Ok(h) => h,
@@ -319,6 +343,117 @@ fn diagnose_record(
     p.what = what.into();
     p.expected = expected;
     p.found = found;
+}
+
+/// Most damaged regions reported per segment (memory stays bounded on a wrecked file).
+const MAX_REGIONS_PER_SEGMENT: usize = 64;
+
+/// A scan stops at the first bad record of a segment; this looks past it, so that every
+/// checksum of the segment is checked: it finds where valid records resume (`out[first]`'s
+/// `resumes_at`, with the LSNs lost in between), verifies the records from there, and adds a
+/// problem for every further damaged region or LSN jump. Reads the file through a read-only
+/// mapping, so memory stays flat.
+fn look_past(path: &Path, out: &mut Vec<Problem>, first: usize) {
+    let Ok(Ok(header)) = read_header(path) else {
+        return;
+    };
+    let Ok(file) = File::open(path) else {
+        return;
+    };
+    // SAFETY: a read-only mapping; the WAL writer never truncates a segment (the documented
+    // "consistent prefix" caveat of inspecting a live WAL applies, as for `inspect`).
+    let Ok(map) = (unsafe { memmap2::Mmap::map(&file) }) else {
+        return;
+    };
+    let bytes: &[u8] = &map;
+    let hasher = header.record_hasher();
+    let file_name = path.display().to_string();
+    let mut current = first;
+    let mut bad = out[first].offset as usize;
+    let mut expected = out[first].expected_lsn.unwrap_or(header.first_lsn);
+    let mut regions = 1;
+    loop {
+        // Find the next aligned offset where a record validates with this segment's salt.
+        let mut at = bad + RECORD_ALIGNMENT_BYTES;
+        let found = loop {
+            if at + RECORD_HEADER_SIZE_BYTES > bytes.len() {
+                break None;
+            }
+            if bytes[at..at + RECORD_ALIGNMENT_BYTES]
+                .iter()
+                .all(|&b| b == 0)
+            {
+                at += RECORD_ALIGNMENT_BYTES;
+                continue;
+            }
+            if let Decoded::Record(r) = decode_record(bytes, at, &hasher) {
+                break Some((at, r.lsn));
+            }
+            at += RECORD_ALIGNMENT_BYTES;
+        };
+        let Some((resume, lsn)) = found else {
+            return;
+        };
+        // Verify sequentially from there.
+        let mut valid = 0u64;
+        let mut off = resume;
+        let mut next = lsn;
+        let stop = loop {
+            match decode_record(bytes, off, &hasher) {
+                Decoded::Record(r) if r.lsn == next => {
+                    valid += 1;
+                    next += 1;
+                    off += r.size_bytes;
+                }
+                Decoded::Record(r) => {
+                    break Some((
+                        off,
+                        format!("LSN gap: found LSN {} where {next} was expected", r.lsn),
+                        "record LSN",
+                        next.to_string(),
+                        r.lsn.to_string(),
+                    ))
+                }
+                Decoded::End => break None,
+                Decoded::Invalid(e) => {
+                    break Some((
+                        off,
+                        e.to_string(),
+                        "record",
+                        "a valid record".to_string(),
+                        e.to_string(),
+                    ))
+                }
+            }
+        };
+        out[current].resumes_at = Some(Resume {
+            offset: resume as u64,
+            lsn,
+            lost_lsns: (lsn > expected).then(|| (expected, lsn - 1)),
+            valid_records: valid,
+        });
+        let Some((at, reason, what, exp, found)) = stop else {
+            return;
+        };
+        if regions >= MAX_REGIONS_PER_SEGMENT {
+            return;
+        }
+        regions += 1;
+        out.push(Problem {
+            severity: "corrupt",
+            file: file_name.clone(),
+            offset: at as u64,
+            expected_lsn: Some(next),
+            what: format!("{what} (further damage in the same segment)"),
+            expected: exp,
+            found,
+            reason,
+            resumes_at: None,
+        });
+        current = out.len() - 1;
+        bad = at;
+        expected = next;
+    }
 }
 
 /// The offset just past the last non-zero byte of `path` at or after `from` (what cutting a

@@ -440,8 +440,21 @@ pub(super) fn dump(ctx: &mut Ctx<'_>, dir: &Path, filter: &DumpFilter) -> Result
 
 /// One problem, one line: `BAD corrupt at FILE:OFFSET (expected LSN n): what: expected X, found Y (reason)`.
 fn problem_line(p: &Problem) -> String {
+    let resume = match &p.resumes_at {
+        None => String::new(),
+        Some(r) => format!(
+            "\n    valid records resume at offset {} with LSN {} ({} valid record(s) from there){}",
+            r.offset,
+            r.lsn,
+            r.valid_records,
+            match r.lost_lsns {
+                Some((a, b)) => format!("; LSN {a}..={b} ({} record(s)) unreadable", b - a + 1),
+                None => String::new(),
+            }
+        ),
+    };
     format!(
-        "BAD {} at {}{}: {}: expected {}, found {} ({})",
+        "BAD {} at {}{}: {}: expected {}, found {} ({}){resume}",
         p.severity,
         p.location(),
         p.expected_lsn
@@ -469,11 +482,16 @@ pub(super) fn verify(ctx: &mut Ctx<'_>, dir: &Path) -> Result<u8, CliError> {
     } else {
         ("clean", EXIT_OK)
     };
+    // Records the scan verified, plus those verified past damage (see `read::problems`).
     let records: u64 = inspection
         .segments
         .iter()
         .map(|s| s.counts.entries + s.counts.commits + s.counts.checkpoints)
-        .sum();
+        .sum::<u64>()
+        + problems
+            .iter()
+            .filter_map(|p| p.resumes_at.map(|r| r.valid_records))
+            .sum::<u64>();
     let bytes: u64 = inspection.segments.iter().map(|s| s.used_bytes).sum();
     let scanned: u64 = inspection.segments.iter().map(|s| s.file_size_bytes).sum();
     let rate = mb_per_s(scanned, elapsed);
