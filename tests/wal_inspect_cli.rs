@@ -380,6 +380,47 @@ fn dump_shows_a_payload_that_is_not_a_settlement_entry_as_hex() {
         .contains("not a settlement entry"));
 }
 
+#[test]
+fn dump_shows_checkpoints_and_summary_starts_after_removed_segments() {
+    let dir = temp_dir();
+    let wal = Wal::open(dir.path(), small()).unwrap();
+    let mut e = Entries::default();
+    for i in 0..3000u64 {
+        let lsn = wal.append(&e.trade(i, 1, 2, 10, 1).encode()).unwrap();
+        wal.sync().unwrap();
+        wal.commit(lsn).unwrap();
+    }
+    wal.append(&e.deposit(5, "BTC", 1).encode()).unwrap();
+    wal.sync().unwrap();
+    let report = wal.checkpoint().unwrap();
+    assert!(!report.removed.is_empty());
+    wal.sync().unwrap();
+    drop(wal);
+    let first_kept: Lsn = name_of(&segment_files(dir.path())[0])[..20]
+        .parse()
+        .unwrap();
+    let v = json(&run_dir(
+        &["dump", "--json", "--type", "checkpoint"],
+        dir.path(),
+    ));
+    let recs = v["records"].as_array().unwrap();
+    assert_eq!(recs.len(), 1, "{v}");
+    assert_eq!(recs[0]["checkpoint"]["first_retained_lsn"], first_kept);
+    assert_eq!(
+        recs[0]["checkpoint"]["committed_watermark"],
+        report.committed_watermark
+    );
+    let text = stdout(&run_dir(&["dump", "--type", "checkpoint"], dir.path()));
+    assert!(
+        text.contains(&format!("first retained LSN {first_kept}")),
+        "{text}"
+    );
+    let s = json(&run_dir(&["summary", "--json"], dir.path()));
+    assert_eq!(s["totals"]["first_lsn"], first_kept);
+    assert_eq!(s["totals"]["pending"], 1);
+    assert_eq!(s["totals"]["checkpoints"], 1);
+}
+
 // ---------------------------------------------------------------- verify
 
 #[test]

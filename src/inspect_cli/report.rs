@@ -216,6 +216,7 @@ pub(super) fn summary(ctx: &mut Ctx<'_>, dir: &Path) -> Result<u8, CliError> {
                 "recyclable_segments": recyclable,
             },
             "tail": problem_json(&inspection),
+            "temp_files": wal.temp_files,
         }))?;
         finish(ctx, &inspection)
     } else {
@@ -276,6 +277,12 @@ pub(super) fn summary(ctx: &mut Ctx<'_>, dir: &Path) -> Result<u8, CliError> {
             human_bytes(file_bytes),
         )?;
         writeln!(out, "tail: {}", problem_text(&inspection))?;
+        for tmp in &wal.temp_files {
+            writeln!(
+                out,
+                "note: {tmp} is the leftover of an interrupted segment creation (harmless; settlement deletes it when it starts)"
+            )?;
+        }
         finish(ctx, &inspection)
     };
     Ok(code)

@@ -26,6 +26,9 @@ pub(super) struct WalDir {
     pub(super) dir: PathBuf,
     /// The process holding the writer lock, if one does (a running `settlement`).
     pub(super) writer: Option<LockHolder>,
+    /// Leftovers of interrupted segment creations (`<segment>.wal.tmp`), which the next
+    /// writable open deletes.
+    pub(super) temp_files: Vec<String>,
 }
 
 /// A process holding a lock on a file, from `/proc/locks`.
@@ -123,9 +126,18 @@ pub(super) fn open_dir(dir: &Path) -> Result<WalDir, CliError> {
         )));
     }
     let writer = lock_holder(&dir.join(LOCK_FILE_NAME));
+    let mut temp_files: Vec<String> = others
+        .into_iter()
+        .filter(|n| {
+            n.strip_suffix(".tmp")
+                .is_some_and(|s| parse_segment_file_name(s).is_some())
+        })
+        .collect();
+    temp_files.sort();
     Ok(WalDir {
         dir: dir.to_path_buf(),
         writer,
+        temp_files,
     })
 }
 
