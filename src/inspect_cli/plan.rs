@@ -268,6 +268,9 @@ pub(super) fn plan(ctx: &mut Ctx<'_>, dir: &Path, store: &StoreUrl) -> Result<u8
                 class_name(p.class),
                 describe::event_text(&e.event)
             )?;
+            if p.class == EntryClass::Applied {
+                continue;
+            }
             for (i, r) in p.rows.iter().enumerate() {
                 let found = match (i, r.found) {
                     (_, None) => "absent".to_string(),
@@ -292,6 +295,13 @@ pub(super) fn plan(ctx: &mut Ctx<'_>, dir: &Path, store: &StoreUrl) -> Result<u8
                     }
                 )?;
             }
+        }
+        if applied > 0 {
+            writeln!(
+                out,
+                "(rows of the {applied} applied entr{} are not listed: nothing to send for them; --json lists every row)",
+                if applied == 1 { "y" } else { "ies" }
+            )?;
         }
         for (lsn, _, text) in &undecodable {
             writeln!(out, "{lsn:>12}  {:>12}  {:<10} {text}", "?", "undecodable")?;
