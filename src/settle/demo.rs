@@ -123,7 +123,7 @@ mod tests {
     #[test]
     fn generation_is_deterministic_and_parses() {
         let spec = DemoSpec {
-            trades: 500,
+            trades: 2500,
             ..DemoSpec::default()
         };
         let a = generate(&spec);
@@ -132,6 +132,6 @@ mod tests {
             .iter()
             .filter(|l| parse_event(l.as_bytes()).is_ok())
             .count();
-        assert!(ok > 500 && ok < a.len());
+        assert!(ok > 2500 && ok < a.len());
     }
 }
