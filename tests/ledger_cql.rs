@@ -199,14 +199,14 @@ async fn unreachable_store_is_reported_with_its_contact_point() {
     }
 }
 
-/// An apply much larger than one batch, with the default split (30 statements per UNLOGGED
+/// An apply much larger than one batch, with the default split (20 statements per UNLOGGED
 /// batch), lands completely and never trips Cassandra's batch size warning (5 KiB here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_batches_stay_below_the_size_warning() {
     let Some((ledger, keyspace)) = connect_or_skip("size").await else {
         return;
     };
-    assert_eq!(ledger.config().max_statements_per_batch, 30);
+    assert_eq!(ledger.config().max_statements_per_batch, 20);
     let n = 2000u64;
     // Long-ish symbols and large numbers: the widest rows settlement writes.
     let entries: Vec<EntryWrites> = (0..n)
