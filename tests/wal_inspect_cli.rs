@@ -545,6 +545,8 @@ fn verify_looks_past_damage_and_checks_every_record_of_the_segment() {
         serde_json::json!([recs[10].3, recs[10].3])
     );
     assert_eq!(first["resumes_at"]["valid_records"], 9);
+    // The batch's commit marker (later in the segment) covers the lost entry: it is in the store.
+    assert_eq!(first["resumes_at"]["lost_committed"], true);
     let second = &problems[1];
     assert_eq!(second["offset"], recs[20].1);
     assert_eq!(second["expected_lsn"], recs[20].3);
@@ -563,6 +565,30 @@ fn verify_looks_past_damage_and_checks_every_record_of_the_segment() {
         )),
         "{text}"
     );
+}
+
+#[test]
+fn verify_says_when_a_lost_entry_was_never_committed() {
+    let dir = temp_dir();
+    let pending = build_standard(dir.path());
+    let rec = layout(dir.path())
+        .into_iter()
+        .find(|r| r.3 == pending[2])
+        .unwrap();
+    flip_bit(&rec.0, rec.1 + 26);
+    let v = json(&run_dir(&["verify", "--json"], dir.path()));
+    let p = &v["problems"][0];
+    assert_eq!(
+        p["severity"], "corrupt",
+        "a valid record follows: not a torn tail"
+    );
+    assert_eq!(
+        p["resumes_at"]["lost_lsns"],
+        serde_json::json!([pending[2], pending[2]])
+    );
+    assert_eq!(p["resumes_at"]["lost_committed"], false);
+    let text = stdout(&run_dir(&["verify"], dir.path()));
+    assert!(text.contains("may be missing from the store"), "{text}");
 }
 
 #[test]

@@ -9,9 +9,10 @@ use serde::Serialize;
 
 use super::source::{read_header, read_prefix};
 use crate::wal::format::{
-    decode_payload, decode_record, parse_segment_file_name, CommitPayload, Decoded, HeaderError,
-    RecordError, RecordType, SegmentHeader, MAX_PAYLOAD_SIZE_BYTES, MAX_RECORD_SIZE_BYTES,
-    RECORD_ALIGNMENT_BYTES, RECORD_HEADER_SIZE_BYTES, SEGMENT_HEADER_SIZE_BYTES, SEGMENT_MAGIC,
+    decode_payload, decode_record, parse_segment_file_name, CheckpointPayload, CommitPayload,
+    Decoded, HeaderError, RecordError, RecordType, SegmentHeader, MAX_PAYLOAD_SIZE_BYTES,
+    MAX_RECORD_SIZE_BYTES, RECORD_ALIGNMENT_BYTES, RECORD_HEADER_SIZE_BYTES,
+    SEGMENT_HEADER_SIZE_BYTES, SEGMENT_MAGIC,
 };
 use crate::wal::{Inspection, Lsn, SegmentInfo, TailState};
 
@@ -50,6 +51,29 @@ pub(super) struct Resume {
     pub(super) lost_lsns: Option<(Lsn, Lsn)>,
     /// Valid records from it to the next damage or the end of the segment.
     pub(super) valid_records: u64,
+    /// For lost LSNs: does a commit marker (or checkpoint) later in this segment cover every one
+    /// of them? `true` means those entries took effect in the store before the damage was done.
+    /// `false`: no marker in the rest of this segment does (a later segment may; see `dump`).
+    pub(super) lost_committed: Option<bool>,
+}
+
+/// LSNs lost to damage, and which of them a later commit marker covers.
+struct LostRange {
+    problem: usize,
+    first: Lsn,
+    covered: Vec<bool>,
+}
+
+/// Longest lost LSN range whose coverage by later markers is tracked.
+const MAX_TRACKED_LOST_LSNS: u64 = 4096;
+
+fn cover(ranges: &mut [LostRange], first: Lsn, last: Lsn) {
+    for r in ranges.iter_mut() {
+        let end = r.first + r.covered.len() as u64 - 1;
+        for lsn in first.max(r.first)..=last.min(end) {
+            r.covered[(lsn - r.first) as usize] = true;
+        }
+    }
 }
 
 impl Problem {
@@ -372,6 +396,7 @@ fn look_past(path: &Path, out: &mut Vec<Problem>, first: usize) {
     let mut bad = out[first].offset as usize;
     let mut expected = out[first].expected_lsn.unwrap_or(header.first_lsn);
     let mut regions = 1;
+    let mut lost: Vec<LostRange> = Vec::new();
     loop {
         // Find the next aligned offset where a record validates with this segment's salt.
         let mut at = bad + RECORD_ALIGNMENT_BYTES;
@@ -392,8 +417,15 @@ fn look_past(path: &Path, out: &mut Vec<Problem>, first: usize) {
             at += RECORD_ALIGNMENT_BYTES;
         };
         let Some((resume, lsn)) = found else {
-            return;
+            break;
         };
+        if lsn > expected && lsn - expected <= MAX_TRACKED_LOST_LSNS {
+            lost.push(LostRange {
+                problem: current,
+                first: expected,
+                covered: vec![false; (lsn - expected) as usize],
+            });
+        }
         // Verify sequentially from there.
         let mut valid = 0u64;
         let mut off = resume;
@@ -401,6 +433,19 @@ fn look_past(path: &Path, out: &mut Vec<Problem>, first: usize) {
         let stop = loop {
             match decode_record(bytes, off, &hasher) {
                 Decoded::Record(r) if r.lsn == next => {
+                    match r.record_type {
+                        RecordType::Commit => {
+                            if let Ok(c) = decode_payload::<CommitPayload>(r.payload) {
+                                cover(&mut lost, c.first_lsn, c.last_lsn);
+                            }
+                        }
+                        RecordType::Checkpoint => {
+                            if let Ok(c) = decode_payload::<CheckpointPayload>(r.payload) {
+                                cover(&mut lost, 1, c.committed_watermark);
+                            }
+                        }
+                        RecordType::Entry => {}
+                    }
                     valid += 1;
                     next += 1;
                     off += r.size_bytes;
@@ -431,12 +476,13 @@ fn look_past(path: &Path, out: &mut Vec<Problem>, first: usize) {
             lsn,
             lost_lsns: (lsn > expected).then(|| (expected, lsn - 1)),
             valid_records: valid,
+            lost_committed: None,
         });
         let Some((at, reason, what, exp, found)) = stop else {
-            return;
+            break;
         };
         if regions >= MAX_REGIONS_PER_SEGMENT {
-            return;
+            break;
         }
         regions += 1;
         out.push(Problem {
@@ -453,6 +499,11 @@ fn look_past(path: &Path, out: &mut Vec<Problem>, first: usize) {
         current = out.len() - 1;
         bad = at;
         expected = next;
+    }
+    for r in lost {
+        if let Some(resume) = out[r.problem].resumes_at.as_mut() {
+            resume.lost_committed = Some(r.covered.iter().all(|&c| c));
+        }
     }
 }
 

@@ -455,7 +455,15 @@ fn problem_line(p: &Problem) -> String {
             r.lsn,
             r.valid_records,
             match r.lost_lsns {
-                Some((a, b)) => format!("; LSN {a}..={b} ({} record(s)) unreadable", b - a + 1),
+                Some((a, b)) => format!(
+                    "; LSN {a}..={b} ({} record(s)) unreadable{}",
+                    b - a + 1,
+                    match r.lost_committed {
+                        Some(true) => ": a later commit marker covers them (they took effect in the store)",
+                        Some(false) => ": no later commit marker in this segment covers them (entries among them may be missing from the store)",
+                        None => "",
+                    }
+                ),
                 None => String::new(),
             }
         ),
