@@ -4,7 +4,7 @@
 //! during recovery). After every crash the process restarts over the same input. Checked after
 //! each recovery and at the end: P1 (no write before its entry is durable), P2 (a committed entry
 //! is fully in the store), P3 (every event applied once: balances equal an independent model),
-//! P4 (LWW keeps the newest), P7 (audit). `SIM_SEEDS=N` seeds (default 1000); `SIM_SEED=S`
+//! P4 (LWW keeps the newest), P7 (audit). `SIM_SEEDS=N` seeds (default 2000); `SIM_SEED=S`
 //! replays one.
 
 mod common;
@@ -192,7 +192,7 @@ async fn simulation_over_many_seeds() {
     let seeds: u64 = std::env::var("SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(2000);
     let base = Rng::seed_from_env("SIM_BASE_SEED") % 1_000_000_007;
     eprintln!("simulating {seeds} seeds from {base} (replay one with SIM_SEED=<seed>)");
     let mut crashes = 0;

@@ -170,6 +170,28 @@ fn apply_blocking(db: &Database, path: &Path, entries: &[EntryWrites]) -> Result
     txn.commit().map_err(|e| store_err(path, "commit", e))
 }
 
+/// Every row of a table of `(lsn, encoded row)` values, decoded.
+fn scan_encoded<T: serde::de::DeserializeOwned>(
+    db: &Database,
+    path: &Path,
+    table: TableDefinition<u64, (u64, &[u8])>,
+    what: &str,
+) -> Result<Vec<T>> {
+    let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
+    let t = txn
+        .open_table(table)
+        .map_err(|e| store_err(path, "open", e))?;
+    let mut out = Vec::new();
+    for item in t.iter().map_err(|e| store_err(path, "scan", e))? {
+        let (_, v) = item.map_err(|e| store_err(path, "scan", e))?;
+        out.push(
+            decode_payload::<T>(v.value().1)
+                .map_err(|e| store_err(path, &format!("decode {what}"), e))?,
+        );
+    }
+    Ok(out)
+}
+
 #[async_trait::async_trait]
 impl Ledger for EmbeddedLedger {
     async fn apply(&self, entries: &[EntryWrites]) -> Result<()> {
@@ -248,41 +270,13 @@ impl Ledger for EmbeddedLedger {
     }
 
     async fn scan_trades(&self) -> Result<Vec<TradeRow>> {
-        self.blocking(move |db, path| {
-            let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
-            let t = txn
-                .open_table(TRADES)
-                .map_err(|e| store_err(path, "open", e))?;
-            let mut out = Vec::new();
-            for item in t.iter().map_err(|e| store_err(path, "scan", e))? {
-                let (_, v) = item.map_err(|e| store_err(path, "scan", e))?;
-                out.push(
-                    decode_payload::<TradeRow>(v.value().1)
-                        .map_err(|e| store_err(path, "decode trade", e))?,
-                );
-            }
-            Ok(out)
-        })
-        .await
+        self.blocking(|db, path| scan_encoded(db, path, TRADES, "trade"))
+            .await
     }
 
     async fn scan_movements(&self) -> Result<Vec<MovementRow>> {
-        self.blocking(move |db, path| {
-            let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
-            let t = txn
-                .open_table(MOVEMENTS)
-                .map_err(|e| store_err(path, "open", e))?;
-            let mut out = Vec::new();
-            for item in t.iter().map_err(|e| store_err(path, "scan", e))? {
-                let (_, v) = item.map_err(|e| store_err(path, "scan", e))?;
-                out.push(
-                    decode_payload::<MovementRow>(v.value().1)
-                        .map_err(|e| store_err(path, "decode movement", e))?,
-                );
-            }
-            Ok(out)
-        })
-        .await
+        self.blocking(|db, path| scan_encoded(db, path, MOVEMENTS, "movement"))
+            .await
     }
 
     fn describe(&self) -> String {
