@@ -15,11 +15,15 @@ use settlement_wal::settle::demo::{generate, DemoSpec};
 const NODE: &str = "127.0.0.1:9042";
 
 fn node_up_or_skip() -> bool {
-    if std::net::TcpStream::connect_timeout(&NODE.parse().unwrap(), Duration::from_secs(2)).is_ok() {
+    if std::net::TcpStream::connect_timeout(&NODE.parse().unwrap(), Duration::from_secs(2)).is_ok()
+    {
         return true;
     }
     let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-    assert!(!ci, "CI is set but Cassandra is not reachable on {NODE} (tools/cassandra start)");
+    assert!(
+        !ci,
+        "CI is set but Cassandra is not reachable on {NODE} (tools/cassandra start)"
+    );
     eprintln!("skipping: no Cassandra on {NODE} (run tools/cassandra start)");
     false
 }
@@ -55,7 +59,10 @@ fn settlement_on_cassandra_survives_sigkills_and_audits_clean() {
     if !node_up_or_skip() {
         return;
     }
-    let kills: u64 = std::env::var("SETTLE_CQL_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
+    let kills: u64 = std::env::var("SETTLE_CQL_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
     let seed = Rng::seed_from_env("SETTLE_CQL_SEED");
     eprintln!("settlement on Cassandra, seed {seed} (replay with SETTLE_CQL_SEED={seed})");
     let mut rng = Rng::new(seed);
@@ -74,7 +81,12 @@ fn settlement_on_cassandra_survives_sigkills_and_audits_clean() {
     let args = run_args(dir.path(), &input, &store);
     let mut recoveries = 0;
     for _ in 0..kills {
-        let mut child = settlement().args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = settlement()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(rng.range(800, 3000)));
         // SAFETY: kill(2) of our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
@@ -86,23 +98,47 @@ fn settlement_on_cassandra_survives_sigkills_and_audits_clean() {
         }
     }
     let out = settlement().args(&args).output().unwrap();
-    assert!(out.status.success(), "final run: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "final run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let want = model(&lines);
-    let out = settlement().args(["balances", "--json", "--store", &store]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = settlement()
+        .args(["balances", "--json", "--store", &store])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     for r in &rows {
-        let key = (r["user_id"].as_u64().unwrap(), r["asset"].as_str().unwrap().to_string());
-        assert_eq!(r["amount"].as_i64().unwrap(), *want.balances.get(&key).unwrap_or(&0), "seed {seed}: {key:?}");
+        let key = (
+            r["user_id"].as_u64().unwrap(),
+            r["asset"].as_str().unwrap().to_string(),
+        );
+        assert_eq!(
+            r["amount"].as_i64().unwrap(),
+            *want.balances.get(&key).unwrap_or(&0),
+            "seed {seed}: {key:?}"
+        );
     }
     assert_eq!(
         rows.iter().filter(|r| r["amount"] != 0).count(),
         want.balances.values().filter(|a| **a != 0).count()
     );
-    let out = settlement().args(["audit", "--json", "--store", &store]).output().unwrap();
+    let out = settlement()
+        .args(["audit", "--json", "--store", &store])
+        .output()
+        .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(out.status.success(), "seed {seed}: audit failed: {report}");
     assert_eq!(report["trades"].as_u64().unwrap(), want.trades.len() as u64);
-    eprintln!("{kills} SIGKILLs, {recoveries} recoveries, {} trades verified on Cassandra", want.trades.len());
+    eprintln!(
+        "{kills} SIGKILLs, {recoveries} recoveries, {} trades verified on Cassandra",
+        want.trades.len()
+    );
 }
