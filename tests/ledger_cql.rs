@@ -362,3 +362,29 @@ async fn datacenter_preference_is_checked_at_connect() {
     );
     drop_keyspace(&ledger, &keyspace).await;
 }
+
+/// Inspection tools open the store read-only: a keyspace without the schema is refused with
+/// nothing created, an existing one is readable, and writes are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_connect_creates_nothing_and_refuses_writes() {
+    let Some((ledger, keyspace)) = connect_or_skip("readonly").await else {
+        return;
+    };
+    let mut config = config_for(&keyspace);
+    config.read_only = true;
+    let ro = CqlLedger::connect(config).await.unwrap();
+    let err = ro
+        .apply(&[conformance::deposit_entry(1, 1, 1, "BTC", 1, 1)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::Rejected(_)), "{err:?}");
+    assert!(ro.scan_balances().await.unwrap().is_empty());
+    let mut absent = config_for(&fresh_keyspace("absent"));
+    absent.read_only = true;
+    let err = CqlLedger::connect(absent).await.err().expect("no schema");
+    assert!(
+        err.to_string().contains("holds no settlement schema"),
+        "{err}"
+    );
+    drop_keyspace(&ledger, &keyspace).await;
+}

@@ -66,3 +66,42 @@ async fn invalid_input_is_rejected_before_writing() {
         "nothing written"
     );
 }
+
+#[tokio::test]
+async fn read_only_open_reads_but_never_writes_or_creates() {
+    let dir = common::temp_dir();
+    let path = dir.path().join("ledger.redb");
+    let missing = EmbeddedLedger::open_read_only(&path).unwrap_err();
+    assert!(
+        matches!(missing, LedgerError::Unreachable { .. }),
+        "{missing:?}"
+    );
+    assert!(!path.exists(), "a read-only open creates nothing");
+    {
+        let ledger = EmbeddedLedger::open(&path).unwrap();
+        ledger
+            .apply(&[deposit_entry(3, 30, 9, "BTC", 4, 4)])
+            .await
+            .unwrap();
+        // While the writer holds the file, a read-only open is refused clearly.
+        assert!(EmbeddedLedger::open_read_only(&path).is_err());
+    }
+    let before = std::fs::read(&path).unwrap();
+    let ro = EmbeddedLedger::open_read_only(&path).unwrap();
+    assert_eq!(
+        ro.read_balances(&[BalanceKey::new(9, "BTC")])
+            .await
+            .unwrap(),
+        vec![Some(BalanceRow {
+            amount: 4,
+            last_lsn: 3
+        })]
+    );
+    let err = ro
+        .apply(&[deposit_entry(4, 31, 9, "BTC", 1, 5)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::Rejected(_)), "{err:?}");
+    drop(ro);
+    assert_eq!(std::fs::read(&path).unwrap(), before, "not a byte changed");
+}

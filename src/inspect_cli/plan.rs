@@ -11,7 +11,7 @@ use super::report::{
 };
 use super::source::{lock_holder, open_dir};
 use super::{CliError, Ctx, EXIT_ATTENTION, EXIT_FAILURE, EXIT_OK};
-use crate::ledger::{open_store, EntryWrites, EventRow, LedgerError, StoreUrl};
+use crate::ledger::{open_store_read_only, EntryWrites, EventRow, LedgerError, StoreUrl};
 use crate::settle::entry::SettlementEntry;
 use crate::settle::recovery::{self, EntryClass, EntryPlan, RowClass};
 use crate::wal::format::RecordType;
@@ -143,7 +143,9 @@ pub(super) fn plan(ctx: &mut Ctx<'_>, dir: &Path, store: &StoreUrl) -> Result<u8
             .build()
             .map_err(|e| CliError::cannot(format!("cannot start the async runtime: {e}")))?;
         runtime.block_on(async {
-            let ledger = open_store(store).await.map_err(|e| store_error(store, e))?;
+            let ledger = open_store_read_only(store)
+                .await
+                .map_err(|e| store_error(store, e))?;
             recovery::plan(&*ledger, &decodable)
                 .await
                 .map_err(|e| CliError::cannot(format!("planning against {store}: {e}")))

@@ -117,7 +117,11 @@ impl CqlLedger {
             session: &session,
             config: &config,
         };
-        ddl.ensure_schema().await?;
+        if config.read_only {
+            ddl.check_schema().await?;
+        } else {
+            ddl.ensure_schema().await?;
+        }
 
         let ks = &config.keyspace;
         let inner = Inner {
@@ -486,6 +490,23 @@ impl Ddl<'_> {
         Ok(row.and_then(|(v,)| v))
     }
 
+    /// Read-only connect: the schema must exist at a version this build reads; nothing is
+    /// created.
+    async fn check_schema(&self) -> Result<()> {
+        let ks = &self.config.keyspace;
+        match self.read_version().await {
+            Ok(Some(v)) if v <= SCHEMA_VERSION => Ok(()),
+            Ok(Some(v)) => Err(LedgerError::Rejected(format!(
+                "keyspace {ks} at {} has schema version {v}; this build reads version {SCHEMA_VERSION}",
+                target(self.config)
+            ))),
+            Ok(None) | Err(_) => Err(LedgerError::Rejected(format!(
+                "keyspace {ks} at {} holds no settlement schema (opened read-only: nothing was created)",
+                target(self.config)
+            ))),
+        }
+    }
+
     async fn ensure_schema(&self) -> Result<()> {
         let ks = &self.config.keyspace;
         let rf = self.config.replication_factor.max(1);
@@ -793,6 +814,12 @@ impl Inner {
 impl Ledger for CqlLedger {
     async fn apply(&self, entries: &[EntryWrites]) -> Result<()> {
         validate_entries(entries)?;
+        if self.inner.config.read_only {
+            return Err(LedgerError::Rejected(format!(
+                "{} was opened read-only; nothing is written",
+                self.inner.config.display_url()
+            )));
+        }
         let rows = row_values(entries)?;
         if rows.is_empty() {
             return Ok(());

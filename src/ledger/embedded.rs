@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+};
 
 use super::{
     validate_entries, BalanceKey, BalanceRow, EntryWrites, EventRow, Ledger, LedgerError,
@@ -29,9 +31,24 @@ const MOVEMENTS: TableDefinition<u64, (u64, &[u8])> = TableDefinition::new("move
 /// "schema_version" -> version
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// The database, opened for writing or read-only.
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(ReadOnlyDatabase),
+}
+
+impl Db {
+    fn begin_read(&self) -> std::result::Result<ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::ReadWrite(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+    }
+}
+
 /// The embedded (redb) ledger.
 pub struct EmbeddedLedger {
-    db: Arc<Database>,
+    db: Arc<Db>,
     path: PathBuf,
 }
 
@@ -93,7 +110,42 @@ impl EmbeddedLedger {
         txn.commit()
             .map_err(|e| store_err(path, "commit schema", e))?;
         Ok(EmbeddedLedger {
-            db: Arc::new(db),
+            db: Arc::new(Db::ReadWrite(db)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing database without writing anything (for inspection tools): no file or
+    /// table is created, and [`Ledger::apply`] is refused.
+    pub fn open_read_only(path: &Path) -> Result<EmbeddedLedger> {
+        let unreachable = |reason: String| LedgerError::Unreachable {
+            target: format!("embedded:{}", path.display()),
+            reason,
+        };
+        if !path.is_file() {
+            return Err(unreachable("no such database file".into()));
+        }
+        let db = Database::builder()
+            .open_read_only(path)
+            .map_err(|e| unreachable(e.to_string()))?;
+        {
+            let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
+            let meta = txn
+                .open_table(META)
+                .map_err(|e| unreachable(format!("not a settlement ledger: {e}")))?;
+            let version = meta
+                .get("schema_version")
+                .map_err(|e| store_err(path, "read schema version", e))?
+                .map(|g| g.value());
+            if version.is_none_or(|v| v > SCHEMA_VERSION) {
+                return Err(LedgerError::Rejected(format!(
+                    "{} has schema version {version:?}; this build reads version {SCHEMA_VERSION}",
+                    path.display()
+                )));
+            }
+        }
+        Ok(EmbeddedLedger {
+            db: Arc::new(Db::ReadOnly(db)),
             path: path.to_path_buf(),
         })
     }
@@ -101,7 +153,7 @@ impl EmbeddedLedger {
     /// Runs blocking redb work off the async executor.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database, &Path) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&Db, &Path) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let db = self.db.clone();
         let path = self.path.clone();
@@ -111,7 +163,13 @@ impl EmbeddedLedger {
     }
 }
 
-fn apply_blocking(db: &Database, path: &Path, entries: &[EntryWrites]) -> Result<()> {
+fn apply_blocking(db: &Db, path: &Path, entries: &[EntryWrites]) -> Result<()> {
+    let Db::ReadWrite(db) = db else {
+        return Err(LedgerError::Rejected(format!(
+            "{} was opened read-only; nothing is written",
+            path.display()
+        )));
+    };
     let txn = db.begin_write().map_err(|e| store_err(path, "begin", e))?;
     {
         let mut balances = txn
@@ -172,7 +230,7 @@ fn apply_blocking(db: &Database, path: &Path, entries: &[EntryWrites]) -> Result
 
 /// Every row of a table of `(lsn, encoded row)` values, decoded.
 fn scan_encoded<T: serde::de::DeserializeOwned>(
-    db: &Database,
+    db: &Db,
     path: &Path,
     table: TableDefinition<u64, (u64, &[u8])>,
     what: &str,

@@ -274,6 +274,19 @@ pub(crate) fn validate_entries(entries: &[EntryWrites]) -> Result<()> {
     Ok(())
 }
 
+/// Opens the store a URL names for reading only, for inspection tools: nothing is created or
+/// written (an embedded file must exist; a CQL keyspace must already hold the schema).
+pub async fn open_store_read_only(url: &StoreUrl) -> Result<Box<dyn Ledger>> {
+    match url {
+        StoreUrl::Embedded(path) => Ok(Box::new(embedded::EmbeddedLedger::open_read_only(path)?)),
+        StoreUrl::Cql(config) => {
+            let mut config = config.clone();
+            config.read_only = true;
+            Ok(Box::new(cql::CqlLedger::connect(config).await?))
+        }
+    }
+}
+
 /// Opens the store a URL names.
 pub async fn open_store(url: &StoreUrl) -> Result<Box<dyn Ledger>> {
     match url {

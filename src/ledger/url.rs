@@ -61,6 +61,8 @@ pub struct CqlConfig {
     pub max_statements_per_batch: usize,
     /// Batches in flight at once per apply (`inflight=`; default 16).
     pub max_inflight_batches: usize,
+    /// Never create or alter the schema, refuse writes (inspection tools); not a URL option.
+    pub read_only: bool,
 }
 
 impl CqlConfig {
@@ -77,6 +79,7 @@ impl CqlConfig {
             max_attempts: 5,
             max_statements_per_batch: 20,
             max_inflight_batches: 16,
+            read_only: false,
         }
     }
 
