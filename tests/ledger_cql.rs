@@ -381,7 +381,7 @@ async fn read_only_connect_creates_nothing_and_refuses_writes() {
     assert!(ro.scan_balances().await.unwrap().is_empty());
     let mut absent = config_for(&fresh_keyspace("absent"));
     absent.read_only = true;
-    let err = CqlLedger::connect(absent).await.err().expect("no schema");
+    let err = CqlLedger::connect(absent).await.expect_err("no schema");
     assert!(
         err.to_string().contains("holds no settlement schema"),
         "{err}"
