@@ -128,7 +128,7 @@ fn settlement_on_cassandra_survives_sigkills_and_audits_clean() {
     }
     assert_eq!(
         rows.iter().filter(|r| r["amount"] != 0).count(),
-        want.balances.values().filter(|a| **a != 0).count()
+        want.nonzero_balances().len()
     );
     let out = settlement()
         .args(["audit", "--json", "--store", &store])

@@ -120,12 +120,7 @@ fn sigkill_at_random_moments_then_finish_settles_everything_exactly_once() {
         })
         .filter(|(_, a)| *a != 0)
         .collect();
-    let want_balances: std::collections::BTreeMap<_, _> = want
-        .balances
-        .iter()
-        .filter(|(_, a)| **a != 0)
-        .map(|(k, a)| (k.clone(), *a))
-        .collect();
+    let want_balances = want.nonzero_balances();
     assert_eq!(got.len(), want_balances.len(), "seed {seed}: balance rows");
     for (k, a) in &want_balances {
         assert_eq!(got.get(k), Some(a), "seed {seed}: balance of {k:?}");

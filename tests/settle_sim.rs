@@ -159,12 +159,7 @@ async fn run_seed(seed: u64) -> u64 {
         .map(|(k, r)| ((k.user_id, k.asset), r.amount))
         .filter(|(_, a)| *a != 0)
         .collect();
-    let want_balances: std::collections::BTreeMap<_, _> = want
-        .balances
-        .iter()
-        .filter(|(_, a)| **a != 0)
-        .map(|(k, a)| (k.clone(), *a))
-        .collect();
+    let want_balances = want.nonzero_balances();
     assert_eq!(
         got, want_balances,
         "seed {seed}: balances differ from the model (P3/P4)"

@@ -100,6 +100,17 @@ pub struct Model {
     pub rejected: u64,
 }
 
+impl Model {
+    /// The balances that are not zero (a row that nets to zero may or may not exist in a store).
+    pub fn nonzero_balances(&self) -> std::collections::BTreeMap<(u64, String), i64> {
+        self.balances
+            .iter()
+            .filter(|(_, a)| **a != 0)
+            .map(|(k, a)| (k.clone(), *a))
+            .collect()
+    }
+}
+
 pub fn model(lines: &[String]) -> Model {
     use serde_json::Value;
     let mut m = Model::default();
