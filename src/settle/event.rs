@@ -106,10 +106,20 @@ fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a Value, Strin
         .ok_or_else(|| format!("missing field {name:?}"))
 }
 
+/// Ids and sequences must fit a signed 64-bit integer: Cassandra stores them as `bigint`, and an
+/// id no store can hold must be rejected here, not wedge the pipeline at write time.
 fn u64_field(obj: &Map<String, Value>, name: &str) -> Result<u64, String> {
     let v = field(obj, name)?;
-    v.as_u64()
-        .ok_or_else(|| format!("field {name:?} must be a non-negative integer, got {v}"))
+    match v.as_u64() {
+        Some(n) if n <= i64::MAX as u64 => Ok(n),
+        Some(n) => Err(format!(
+            "field {name:?} is too large: {n} (at most {})",
+            i64::MAX
+        )),
+        None => Err(format!(
+            "field {name:?} must be a non-negative integer, got {v}"
+        )),
+    }
 }
 
 fn positive_amount(obj: &Map<String, Value>, name: &str) -> Result<Amount, String> {
@@ -268,6 +278,8 @@ mod tests {
         assert!(reason("[1]").contains("not a JSON object"));
         assert!(reason(r#"{"trade_id": 1}"#).contains("output_sequence"));
         assert!(reason(r#"{"output_sequence": -1}"#).contains("non-negative"));
+        assert!(reason(r#"{"output_sequence": 9223372036854775808}"#).contains("too large"));
+        assert!(reason(r#"{"output_sequence": 1, "type": "deposit", "user_id": 18446744073709551615, "asset": "BTC", "amount": 1}"#).contains("too large"));
         let base = r#""output_sequence": 1, "trade_id": 5, "buyer_user_id": 1, "seller_user_id": 2, "timestamp_ns": 1"#;
         assert!(reason(&format!(
             "{{{base}, \"symbol\": \"BTCUSDT\", \"price\": 1, \"quantity\": 1}}"

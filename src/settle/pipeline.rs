@@ -158,6 +158,17 @@ impl RejectSink {
         }
     }
 
+    /// Makes every reject written so far durable. Called before the WAL sync of a batch that
+    /// rejected something: once an entry after them is durable, a restart skips those messages
+    /// as duplicates, so their reject lines must already be on disk (P6).
+    fn sync(&mut self) -> Result<(), SettleError> {
+        self.flush()?;
+        match &self.out {
+            Some(out) => out.get_ref().sync_data().map_err(|e| self.io_error(e)),
+            None => Ok(()),
+        }
+    }
+
     fn io_error(&self, e: std::io::Error) -> SettleError {
         SettleError::Io(format!(
             "writing rejects file {}: {e}",
@@ -217,6 +228,8 @@ pub struct Pipeline {
     last_seq: Option<u64>,
     settings: PipelineSettings,
     rejects: RejectSink,
+    /// `summary.rejected` when the rejects file was last synced.
+    rejects_synced: u64,
     summary: Summary,
 }
 
@@ -239,6 +252,7 @@ impl Pipeline {
             last_seq,
             settings,
             rejects,
+            rejects_synced: 0,
             summary: Summary::default(),
         }
     }
@@ -370,6 +384,10 @@ impl Pipeline {
         }
         if settled.is_empty() {
             return Ok(None);
+        }
+        if self.summary.rejected > self.rejects_synced {
+            self.rejects.sync()?;
+            self.rejects_synced = self.summary.rejected;
         }
         let payloads: Vec<Vec<u8>> = settled.iter().map(SettlementEntry::encode).collect();
         let wal = self.wal.clone();
