@@ -10,9 +10,6 @@
 //! campaign restores it even when interrupted). It skips without a node (fails under CI).
 //! `CRASH_CAMPAIGN_KILLS` / `CRASH_CAMPAIGN_TRADES` / `CRASH_CAMPAIGN_SEED` tune or replay it;
 //! the full campaign is `tools/crash-campaign` (docs/reliability.md).
-//!
-//! The rejects-file check is skipped here: rejects buffered when a SIGKILL lands are lost and
-//! never re-logged (docs/reliability.md, "Findings"). Drop `--skip-rejects-check` once fixed.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -57,7 +54,6 @@ fn crash_campaign_ci_sized_on_the_real_node() {
         .arg(env!("CARGO_BIN_EXE_wal-inspect"))
         .arg("--work-dir")
         .arg(&work)
-        .arg("--skip-rejects-check")
         .current_dir(&root);
     if let Ok(seed) = std::env::var("CRASH_CAMPAIGN_SEED") {
         cmd.args(["--seed", &seed]);

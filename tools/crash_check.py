@@ -14,8 +14,9 @@ Exit 0 when every check passed, 1 when some check failed (a readable report on s
 2 when the store cannot be read or the arguments are wrong.
 
 The model (contract, independently written):
-  * a line longer than 4096 bytes, not JSON, not an object, or without a non-negative integer
-    output_sequence is rejected and does not move the sequence;
+  * a line longer than 4096 bytes, not JSON, not an object, or without an output_sequence in
+    0..=i64::MAX is rejected and does not move the sequence (ids and sequences must fit
+    Cassandra's bigint);
   * an output_sequence at or below the highest one seen so far is a duplicate: skipped;
   * otherwise the sequence advances, and the message is validated: a trade needs trade_id,
     symbol BASE-QUOTE (1-16 of A-Z0-9 each, BASE != QUOTE), buyer/seller ids, price and
@@ -61,7 +62,8 @@ MAX_LISTED = 20
 # --------------------------------------------------------------------------------------------
 
 def _is_uint(v):
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= (1 << 64) - 1
+    """An id or sequence: a non-negative integer that fits a signed 64-bit (Cassandra bigint)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= I64_MAX
 
 
 def _positive_i64(v):
