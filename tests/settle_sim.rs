@@ -86,6 +86,9 @@ async fn run_seed(seed: u64) -> u64 {
         batch_max: rng.range(1, 40) as usize,
         batch_delay_ms: 10_000,
         inflight: 1,
+        // Half the seeds run with the smallest balance cache (4 rows per event of a batch), so
+        // rows are forgotten and reloaded from the store all the time.
+        cache_rows: if rng.range(0, 2) == 0 { 1 } else { 1 << 20 },
         ..PipelineSettings::default()
     };
     // P1 is checked against the live WAL's durable LSN at the moment of each store write.

@@ -64,6 +64,10 @@ enum Command {
         /// Store batches in flight (1..=256).
         #[arg(long, default_value_t = 8)]
         inflight: usize,
+        /// Bound of the balance cache in rows (about 64 bytes each); past it, rows whose last
+        /// change the store acknowledged are forgotten and reloaded when needed.
+        #[arg(long, default_value_t = settlement_wal::settle::entry::DEFAULT_CACHE_ROWS)]
+        cache_rows: usize,
         /// What to do on a gap in output_sequence.
         #[arg(long, value_enum, default_value = "log")]
         on_gap: OnGap,
@@ -157,6 +161,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             batch_max,
             batch_delay_ms,
             inflight,
+            cache_rows,
             on_gap,
             accept_divergence,
             recover_only,
@@ -172,6 +177,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 batch_max,
                 batch_delay_ms,
                 inflight,
+                cache_rows,
                 on_gap: match on_gap {
                     OnGap::Log => GapPolicy::Log,
                     OnGap::Halt => GapPolicy::Halt,

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::event::{Event, Movement, Trade};
 use crate::ledger::{
     Amount, BalanceKey, BalanceWrite, EntryWrites, EventRow, MovementKind, MovementRow, TradeRow,
+    UserId, MAX_ASSET_LEN_BYTES,
 };
 use crate::wal::format::{decode_payload, encode_payload};
 use crate::wal::Lsn;
@@ -85,76 +86,223 @@ pub fn movement_row(m: &Movement, lsn: Lsn) -> MovementRow {
     }
 }
 
+/// The stored row of `event` settled at `lsn`, taking the event's strings instead of copying.
+pub fn into_event_row(event: Event, lsn: Lsn) -> EventRow {
+    match event {
+        Event::Trade(t) => EventRow::Trade(trade_row(&t, lsn)),
+        Event::Movement(m) => EventRow::Movement(MovementRow {
+            output_sequence: m.output_sequence,
+            kind: m.kind,
+            user_id: m.user_id,
+            asset: m.asset,
+            amount: m.amount,
+            lsn,
+        }),
+    }
+}
+
 /// The balance changes of an event, one per row (a buyer who is also the seller nets to zero on
 /// each row, never two writes of one row). Checked: `None` on overflow.
 pub fn deltas(event: &Event) -> Option<Vec<(BalanceKey, Amount)>> {
-    let mut out: Vec<(BalanceKey, Amount)> = Vec::with_capacity(4);
-    let mut add = |key: BalanceKey, delta: Amount| -> Option<()> {
-        match out.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, d)) => *d = d.checked_add(delta)?,
-            None => out.push((key, delta)),
+    let rows = RowDeltas::of(event)?;
+    Some(
+        rows.as_slice()
+            .iter()
+            .map(|(user_id, asset, delta)| (BalanceKey::new(*user_id, *asset), *delta))
+            .collect(),
+    )
+}
+
+/// The rows an event touches (at most four), with their deltas, without allocating.
+struct RowDeltas<'a> {
+    rows: [(UserId, &'a str, Amount); 4],
+    len: usize,
+}
+
+impl<'a> RowDeltas<'a> {
+    /// The rows an event touches, without deltas (for loading them).
+    fn keys(event: &'a Event) -> RowDeltas<'a> {
+        let mut out = RowDeltas {
+            rows: [(0, "", 0); 4],
+            len: 0,
+        };
+        match event {
+            Event::Trade(t) => {
+                for (user_id, asset) in [
+                    (t.buyer_user_id, t.base.as_str()),
+                    (t.buyer_user_id, t.quote.as_str()),
+                    (t.seller_user_id, t.base.as_str()),
+                    (t.seller_user_id, t.quote.as_str()),
+                ] {
+                    out.add(user_id, asset, 0)
+                        .expect("adding zero never overflows");
+                }
+            }
+            Event::Movement(m) => out
+                .add(m.user_id, &m.asset, 0)
+                .expect("adding zero never overflows"),
+        }
+        out
+    }
+
+    /// The balance changes of an event, one per row. `None` on overflow.
+    fn of(event: &'a Event) -> Option<RowDeltas<'a>> {
+        let mut out = RowDeltas {
+            rows: [(0, "", 0); 4],
+            len: 0,
+        };
+        match event {
+            Event::Trade(t) => {
+                let notional = t.price.checked_mul(t.quantity)?;
+                out.add(t.buyer_user_id, &t.base, t.quantity)?;
+                out.add(t.buyer_user_id, &t.quote, notional.checked_neg()?)?;
+                out.add(t.seller_user_id, &t.base, t.quantity.checked_neg()?)?;
+                out.add(t.seller_user_id, &t.quote, notional)?;
+            }
+            Event::Movement(m) => {
+                let delta = match m.kind {
+                    MovementKind::Deposit => m.amount,
+                    MovementKind::Withdraw => m.amount.checked_neg()?,
+                };
+                out.add(m.user_id, &m.asset, delta)?;
+            }
+        }
+        Some(out)
+    }
+
+    fn add(&mut self, user_id: UserId, asset: &'a str, delta: Amount) -> Option<()> {
+        let rows = &mut self.rows[..self.len];
+        match rows
+            .iter_mut()
+            .find(|(u, a, _)| *u == user_id && *a == asset)
+        {
+            Some((_, _, d)) => *d = d.checked_add(delta)?,
+            None => {
+                assert!(
+                    self.len < self.rows.len(),
+                    "an event touches at most 4 rows"
+                );
+                self.rows[self.len] = (user_id, asset, delta);
+                self.len += 1;
+            }
         }
         Some(())
-    };
-    match event {
-        Event::Trade(t) => {
-            let notional = t.price.checked_mul(t.quantity)?;
-            add(BalanceKey::new(t.buyer_user_id, &t.base), t.quantity)?;
-            add(
-                BalanceKey::new(t.buyer_user_id, &t.quote),
-                notional.checked_neg()?,
-            )?;
-            add(
-                BalanceKey::new(t.seller_user_id, &t.base),
-                t.quantity.checked_neg()?,
-            )?;
-            add(BalanceKey::new(t.seller_user_id, &t.quote), notional)?;
-        }
-        Event::Movement(m) => {
-            let delta = match m.kind {
-                MovementKind::Deposit => m.amount,
-                MovementKind::Withdraw => m.amount.checked_neg()?,
-            };
-            add(BalanceKey::new(m.user_id, &m.asset), delta)?;
+    }
+
+    fn as_slice(&self) -> &[(UserId, &'a str, Amount)] {
+        &self.rows[..self.len]
+    }
+}
+
+/// An asset code held inline, so that a cache lookup never allocates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AssetCode {
+    len: u8,
+    bytes: [u8; MAX_ASSET_LEN_BYTES],
+}
+
+impl AssetCode {
+    fn new(asset: &str) -> AssetCode {
+        // Validation (event parsing, the ledger's row checks) bounds every asset name.
+        assert!(
+            asset.len() <= MAX_ASSET_LEN_BYTES,
+            "asset names are validated to at most {MAX_ASSET_LEN_BYTES} bytes"
+        );
+        let mut bytes = [0u8; MAX_ASSET_LEN_BYTES];
+        bytes[..asset.len()].copy_from_slice(asset.as_bytes());
+        AssetCode {
+            len: asset.len() as u8,
+            bytes,
         }
     }
-    Some(out)
 }
+
+/// A cached balance row.
+#[derive(Clone, Copy, Debug)]
+struct CachedRow {
+    amount: Amount,
+    /// The write batch that last changed the row (0: loaded from the store, never changed).
+    batch: u64,
+}
+
+/// Default bound of [`BalanceCache`] rows (about 64 bytes each in memory).
+pub const DEFAULT_CACHE_ROWS: usize = 4 << 20;
 
 /// The current balance of every row the process has touched or loaded. The process is the only
 /// writer of these rows, so after loading a row once from the store the cache is authoritative.
-#[derive(Debug, Default)]
+///
+/// The cache is bounded: past `max_rows` it forgets rows whose last change the store has
+/// acknowledged (their stored value is current, so reloading them later is exact). Rows changed
+/// by batches not yet acknowledged are never forgotten, so the cache can exceed its bound by the
+/// rows of the batches in flight.
+#[derive(Debug)]
 pub struct BalanceCache {
-    rows: HashMap<BalanceKey, Amount>,
+    rows: HashMap<(UserId, AssetCode), CachedRow, foldhash::fast::RandomState>,
+    /// The batch that [`BalanceCache::settle`] stamps on the rows it changes.
+    batch: u64,
+    max_rows: usize,
+    evicted_rows: u64,
+}
+
+impl Default for BalanceCache {
+    fn default() -> Self {
+        BalanceCache::with_max_rows(DEFAULT_CACHE_ROWS)
+    }
 }
 
 impl BalanceCache {
-    /// Rows of `event` that are not cached yet (to load from the store).
+    /// A cache that keeps at most about `max_rows` rows (see the type's documentation).
+    pub fn with_max_rows(max_rows: usize) -> BalanceCache {
+        BalanceCache {
+            rows: HashMap::default(),
+            batch: 0,
+            max_rows: max_rows.max(1),
+            evicted_rows: 0,
+        }
+    }
+
+    /// Rows of `event` that are not cached yet (to load from the store), added to `out` unless
+    /// `out` has them already (a linear check: for a few events; see [`BalanceCache::missing_rows`]).
     pub fn missing(&self, event: &Event, out: &mut Vec<BalanceKey>) {
-        let keys: Vec<BalanceKey> = match event {
-            Event::Trade(t) => vec![
-                BalanceKey::new(t.buyer_user_id, &t.base),
-                BalanceKey::new(t.buyer_user_id, &t.quote),
-                BalanceKey::new(t.seller_user_id, &t.base),
-                BalanceKey::new(t.seller_user_id, &t.quote),
-            ],
-            Event::Movement(m) => vec![BalanceKey::new(m.user_id, &m.asset)],
-        };
-        for k in keys {
-            if !self.rows.contains_key(&k) && !out.contains(&k) {
-                out.push(k);
+        for (user_id, asset, _) in RowDeltas::keys(event).as_slice() {
+            if !self.rows.contains_key(&(*user_id, AssetCode::new(asset)))
+                && !out
+                    .iter()
+                    .any(|k| k.user_id == *user_id && k.asset == *asset)
+            {
+                out.push(BalanceKey::new(*user_id, *asset));
             }
         }
     }
 
-    /// Records a row loaded from the store (absent rows are zero).
+    /// Rows of all `events` that are not cached yet, each once, in first-seen order.
+    pub fn missing_rows<'e>(&self, events: impl IntoIterator<Item = &'e Event>) -> Vec<BalanceKey> {
+        let mut seen: std::collections::HashSet<(UserId, AssetCode), foldhash::fast::RandomState> =
+            Default::default();
+        let mut out = Vec::new();
+        for event in events {
+            for (user_id, asset, _) in RowDeltas::keys(event).as_slice() {
+                let key = (*user_id, AssetCode::new(asset));
+                if !self.rows.contains_key(&key) && seen.insert(key) {
+                    out.push(BalanceKey::new(*user_id, *asset));
+                }
+            }
+        }
+        out
+    }
+
+    /// Records a row loaded from the store (absent rows are zero). A cached row is kept.
     pub fn load(&mut self, key: BalanceKey, amount: Amount) {
-        self.rows.entry(key).or_insert(amount);
+        self.rows
+            .entry((key.user_id, AssetCode::new(&key.asset)))
+            .or_insert(CachedRow { amount, batch: 0 });
     }
 
     /// The cached amount of a row.
     pub fn get(&self, key: &BalanceKey) -> Option<Amount> {
-        self.rows.get(key).copied()
+        self.rows
+            .get(&(key.user_id, AssetCode::new(&key.asset)))
+            .map(|r| r.amount)
     }
 
     /// Number of cached rows.
@@ -167,35 +315,82 @@ impl BalanceCache {
         self.rows.is_empty()
     }
 
+    /// Rows forgotten so far to stay within the bound.
+    pub fn evicted_rows(&self) -> u64 {
+        self.evicted_rows
+    }
+
+    /// Starts write batch `batch` (increasing, from 1): the rows [`BalanceCache::settle`]
+    /// changes from now on belong to it.
+    pub fn begin_batch(&mut self, batch: u64) {
+        assert!(batch >= self.batch, "write batches only move forward");
+        self.batch = batch;
+    }
+
+    /// When over the bound, forgets rows whose last change belongs to a batch at or below
+    /// `acked_batch` (every batch up to it acknowledged by the store), down to 7/8 of the bound.
+    /// Returns the number of rows forgotten.
+    pub fn evict(&mut self, acked_batch: u64) -> usize {
+        if self.rows.len() <= self.max_rows {
+            return 0;
+        }
+        let target = self.max_rows - self.max_rows / 8;
+        let mut excess = self.rows.len().saturating_sub(target);
+        let before = self.rows.len();
+        self.rows.retain(|_, row| {
+            if excess > 0 && row.batch <= acked_batch {
+                excess -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        let evicted = before - self.rows.len();
+        self.evicted_rows += evicted as u64;
+        evicted
+    }
+
     /// Computes the entry for `event` and updates the cache, or refuses the event (a withdrawal
     /// above the balance, an overflow) leaving the cache untouched. Every row must be loaded.
     pub fn settle(&mut self, event: Event) -> Result<SettlementEntry, String> {
-        let Some(deltas) = deltas(&event) else {
+        let Some(deltas) = RowDeltas::of(&event) else {
             return Err("balance arithmetic overflows 64-bit minor units".into());
         };
-        let mut post_images = Vec::with_capacity(deltas.len());
-        for (key, delta) in deltas {
-            let current = *self
+        let mut after_all = [0 as Amount; 4];
+        for (i, (user_id, asset, delta)) in deltas.as_slice().iter().enumerate() {
+            let current = self
                 .rows
-                .get(&key)
-                .expect("rows are loaded before settling");
-            let Some(after) = current.checked_add(delta) else {
+                .get(&(*user_id, AssetCode::new(asset)))
+                .expect("rows are loaded before settling")
+                .amount;
+            let key = || BalanceKey::new(*user_id, *asset);
+            let Some(after) = current.checked_add(*delta) else {
                 return Err(format!(
-                    "balance of {key} would overflow ({current} + {delta})"
+                    "balance of {} would overflow ({current} + {delta})",
+                    key()
                 ));
             };
             if let Event::Movement(m) = &event {
                 if m.kind == MovementKind::Withdraw && after < 0 {
                     return Err(format!(
-                        "insufficient balance: {key} has {current}, withdrawal of {} refused",
+                        "insufficient balance: {} has {current}, withdrawal of {} refused",
+                        key(),
                         m.amount
                     ));
                 }
             }
-            post_images.push((key, after));
+            after_all[i] = after;
         }
-        for (key, after) in &post_images {
-            self.rows.insert(key.clone(), *after);
+        let mut post_images = Vec::with_capacity(deltas.len);
+        for (i, (user_id, asset, _)) in deltas.as_slice().iter().enumerate() {
+            self.rows.insert(
+                (*user_id, AssetCode::new(asset)),
+                CachedRow {
+                    amount: after_all[i],
+                    batch: self.batch,
+                },
+            );
+            post_images.push((BalanceKey::new(*user_id, *asset), after_all[i]));
         }
         Ok(SettlementEntry { event, post_images })
     }
@@ -273,5 +468,65 @@ mod tests {
         let e = c.settle(t).unwrap();
         assert_eq!(SettlementEntry::decode(&e.encode()).unwrap(), e);
         assert!(SettlementEntry::decode(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn the_cache_forgets_only_rows_the_store_has_acknowledged() {
+        let mut c = BalanceCache::with_max_rows(8);
+        let deposit = |seq: u64, user: u64| {
+            ev(&format!(
+                r#"{{"output_sequence":{seq},"type":"deposit","user_id":{user},"asset":"USDT","amount":{}}}"#,
+                user + 1
+            ))
+        };
+        // Batch 1 changes 6 rows, batch 2 changes 6 more: 12 rows, bound 8.
+        for (batch, users) in [(1u64, 0u64..6), (2, 6..12)] {
+            c.begin_batch(batch);
+            for user in users {
+                let e = deposit(user + 1, user);
+                loaded(&mut c, &e);
+                c.settle(e).unwrap();
+            }
+        }
+        assert_eq!(c.len(), 12);
+        // Nothing acknowledged: nothing may go (the store may not have these values yet).
+        assert_eq!(c.evict(0), 0);
+        assert_eq!(c.len(), 12);
+        // Batch 1 acknowledged: only its rows may go, down to 7/8 of the bound.
+        assert_eq!(c.evict(1), 5);
+        assert_eq!(c.len(), 7);
+        for user in 6..12 {
+            assert_eq!(c.get(&BalanceKey::new(user, "USDT")), Some(user as i64 + 1));
+        }
+        assert_eq!(c.evicted_rows(), 5);
+        // Within the bound: nothing more goes, even when everything is acknowledged.
+        assert_eq!(c.evict(2), 0);
+        // A forgotten row is missing again and reloads from the store's (current) value.
+        let gone = (0..6)
+            .find(|u| c.get(&BalanceKey::new(*u, "USDT")).is_none())
+            .unwrap();
+        let again = deposit(100, gone);
+        assert_eq!(
+            c.missing_rows([&again]),
+            vec![BalanceKey::new(gone, "USDT")]
+        );
+    }
+
+    #[test]
+    fn missing_rows_lists_each_uncached_row_once() {
+        let c = BalanceCache::default();
+        let t = ev(
+            r#"{"output_sequence":1,"trade_id":1,"symbol":"ETH-USDT","buyer_user_id":1,"seller_user_id":2,"price":10,"quantity":3,"timestamp_ns":7}"#,
+        );
+        let own = ev(
+            r#"{"output_sequence":2,"trade_id":2,"symbol":"ETH-USDT","buyer_user_id":1,"seller_user_id":1,"price":10,"quantity":3,"timestamp_ns":7}"#,
+        );
+        let rows = c.missing_rows([&t, &own, &t]);
+        assert_eq!(rows.len(), 4);
+        let mut one_by_one = Vec::new();
+        for e in [&t, &own, &t] {
+            c.missing(e, &mut one_by_one);
+        }
+        assert_eq!(rows, one_by_one);
     }
 }

@@ -3,14 +3,21 @@
 //! with several in flight, write commit markers after acknowledgement (P2), checkpoint.
 //!
 //! ```text
-//! source --(bounded queue)--> settle loop --(bounded: inflight)--> applier --> markers/checkpoint
-//!                              parse, dedup, cache,                ledger.apply (x inflight)
-//!                              WAL append + 1 sync
+//! source -(queue)-> parser -(queue)-> settle loop -(queue)-> syncer -(queue: inflight)-> applier
+//!                   parse and         dedup, cache,           1 WAL sync per batch,     ledger.apply
+//!                   validate          encode, WAL append      coalesce rows             (x inflight),
+//!                                                                                       markers,
+//!                                                                                       checkpoints
 //! ```
+//!
+//! Every queue is bounded, so a slow stage slows the ones before it. The stages overlap: while
+//! the syncer waits for the disk to make batch N durable, the settle loop computes batch N+1 and
+//! the parser reads ahead; no batch reaches the applier before its sync returned (P1).
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::entry::{BalanceCache, SettlementEntry};
+use super::entry::{into_event_row, BalanceCache, SettlementEntry, DEFAULT_CACHE_ROWS};
 use super::event::{parse_event, Event, Rejection};
 use super::SettleError;
 use crate::ledger::{Amount, BalanceKey, BalanceWrite, EntryWrites, Ledger};
@@ -52,6 +59,9 @@ pub struct PipelineSettings {
     pub on_gap: GapPolicy,
     /// Run a WAL checkpoint after this many acknowledged batches.
     pub checkpoint_every_batches: usize,
+    /// Bound of the balance cache, in rows (raised to `4 * batch_max`: every row a micro-batch
+    /// touches is cached while it is settled; see [`BalanceCache`]).
+    pub cache_rows: usize,
 }
 
 impl Default for PipelineSettings {
@@ -62,6 +72,7 @@ impl Default for PipelineSettings {
             inflight: 8,
             on_gap: GapPolicy::Log,
             checkpoint_every_batches: 32,
+            cache_rows: DEFAULT_CACHE_ROWS,
         }
     }
 }
@@ -182,6 +193,8 @@ impl RejectSink {
 
 /// A durable micro-batch on its way to the store.
 struct DurableBatch {
+    /// Write batch number (1, 2, ...: the order the settle loop produced them).
+    batch: u64,
     first_lsn: Lsn,
     last_lsn: Lsn,
     writes: Vec<EntryWrites>,
@@ -191,27 +204,29 @@ struct DurableBatch {
 
 /// Per-row coalescing: every entry keeps its event row; of the balance rows touched several
 /// times in the batch only the newest post-image is written, with the newest entry's LSN.
-fn coalesce(entries: &[(Lsn, SettlementEntry)]) -> Vec<EntryWrites> {
-    let mut rows: HashMap<BalanceKey, (Amount, Lsn)> = HashMap::new();
+fn coalesce(entries: Vec<(Lsn, SettlementEntry)>) -> Vec<EntryWrites> {
+    let mut rows: HashMap<BalanceKey, (Amount, Lsn), foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(entries.len() * 2, Default::default());
     let mut writes = Vec::with_capacity(entries.len() + 1);
+    let last = entries.last().map(|(lsn, _)| *lsn);
     for (lsn, entry) in entries {
+        for (key, amount) in entry.post_images {
+            rows.insert(key, (amount, lsn));
+        }
         writes.push(EntryWrites {
-            lsn: *lsn,
-            event: Some(entry.event_row(*lsn)),
+            lsn,
+            event: Some(into_event_row(entry.event, lsn)),
             balances: Vec::new(),
         });
-        for (key, amount) in &entry.post_images {
-            rows.insert(key.clone(), (*amount, *lsn));
-        }
     }
-    if let Some((last, _)) = entries.last() {
+    if let Some(last) = last {
         let mut balances: Vec<BalanceWrite> = rows
             .into_iter()
             .map(|(key, (amount, lsn))| BalanceWrite { key, amount, lsn })
             .collect();
-        balances.sort_by(|a, b| a.key.cmp(&b.key));
+        balances.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         writes.push(EntryWrites {
-            lsn: *last,
+            lsn: last,
             event: None,
             balances,
         });
@@ -230,7 +245,29 @@ pub struct Pipeline {
     rejects: RejectSink,
     /// `summary.rejected` when the rejects file was last synced.
     rejects_synced: u64,
+    /// Number of the next write batch.
+    next_batch: u64,
+    /// Every write batch up to this one is acknowledged by the store (set by the applier).
+    acked_batch: Arc<AtomicU64>,
     summary: Summary,
+}
+
+/// A message after the parser stage.
+struct Parsed {
+    event: Result<Event, Rejection>,
+    bytes: Vec<u8>,
+}
+
+/// Most messages the parser hands over at once (one queue hop for up to this many).
+const PARSE_CHUNK_MESSAGES: usize = 256;
+
+/// A micro-batch appended to the WAL, on its way to the syncer.
+struct AppendedBatch {
+    batch: u64,
+    first_lsn: Lsn,
+    last_lsn: Lsn,
+    entries: Vec<SettlementEntry>,
+    started: Instant,
 }
 
 impl Pipeline {
@@ -245,14 +282,17 @@ impl Pipeline {
         settings.batch_max = settings.batch_max.clamp(1, MAX_BATCH_EVENTS);
         settings.inflight = settings.inflight.clamp(1, MAX_INFLIGHT_BATCHES);
         settings.checkpoint_every_batches = settings.checkpoint_every_batches.max(1);
+        settings.cache_rows = settings.cache_rows.max(4 * settings.batch_max);
         Pipeline {
             wal,
             ledger,
-            cache: BalanceCache::default(),
+            cache: BalanceCache::with_max_rows(settings.cache_rows),
             last_seq,
             settings,
             rejects,
             rejects_synced: 0,
+            next_batch: 1,
+            acked_batch: Arc::new(AtomicU64::new(0)),
             summary: Summary::default(),
         }
     }
@@ -261,7 +301,7 @@ impl Pipeline {
     /// durable batch is applied and committed before it returns.
     pub async fn run(
         mut self,
-        mut source: mpsc::Receiver<Message>,
+        source: mpsc::Receiver<Message>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<Summary, SettleError> {
         let (batch_tx, batch_rx) = mpsc::channel::<DurableBatch>(self.settings.inflight);
@@ -271,43 +311,73 @@ impl Pipeline {
             batch_rx,
             self.settings.inflight,
             self.settings.checkpoint_every_batches,
+            self.acked_batch.clone(),
         ));
+        // The syncer: one thread, since a sync blocks on the disk.
+        let (append_tx, append_rx) = mpsc::channel::<AppendedBatch>(SYNC_QUEUE_BATCHES);
+        let syncer = {
+            let wal = self.wal.clone();
+            std::thread::Builder::new()
+                .name("settlement-sync".into())
+                .spawn(move || sync_loop(wal, append_rx, batch_tx))
+                .map_err(|e| SettleError::Io(format!("cannot start the WAL sync thread: {e}")))?
+        };
+        let (parsed_tx, mut parsed) =
+            mpsc::channel::<Vec<Parsed>>(ingest_queue_chunks(self.settings.batch_max));
+        let parser = tokio::spawn(parse_loop(source, parsed_tx));
+
         let delay = Duration::from_millis(self.settings.batch_delay_ms);
         let mut halted: Option<SettleError> = None;
         let mut open = true;
-        while open && halted.is_none() && !*shutdown.borrow() {
-            let first = tokio::select! {
-                m = source.recv() => m,
-                _ = shutdown.changed() => None,
-            };
-            let Some(first) = first else { break };
-            let mut raw = vec![first];
+        let mut carry: Vec<Parsed> = Vec::new();
+        while halted.is_none() && !*shutdown.borrow() {
+            let mut raw = std::mem::take(&mut carry);
+            if raw.is_empty() {
+                if !open {
+                    break;
+                }
+                let first = tokio::select! {
+                    m = parsed.recv() => m,
+                    _ = shutdown.changed() => None,
+                };
+                let Some(first) = first else { break };
+                raw = first;
+            }
             let deadline = tokio::time::Instant::now() + delay;
-            while raw.len() < self.settings.batch_max {
-                match tokio::time::timeout_at(deadline, source.recv()).await {
-                    Ok(Some(m)) => raw.push(m),
-                    Ok(None) => {
-                        open = false;
-                        break;
-                    }
+            while open && raw.len() < self.settings.batch_max {
+                match tokio::time::timeout_at(deadline, parsed.recv()).await {
+                    Ok(Some(mut chunk)) => raw.append(&mut chunk),
+                    Ok(None) => open = false,
                     Err(_) => break,
                 }
             }
+            if raw.len() > self.settings.batch_max {
+                carry = raw.split_off(self.settings.batch_max);
+            }
             match self.settle_batch(raw).await {
                 Ok(Some(batch)) => {
-                    if batch_tx.send(batch).await.is_err() {
-                        break; // the applier stopped: its error is reported below
+                    if append_tx.send(batch).await.is_err() {
+                        break; // the syncer stopped: its error is reported below
                     }
                 }
                 Ok(None) => {}
                 Err(e) => halted = Some(e),
             }
         }
-        drop(batch_tx);
+        // Messages parsed but not settled are dropped: they are not durable, so a restart reads
+        // them again (file, stdin re-run) or the publisher re-sends them.
+        drop(parsed);
+        parser.abort();
+        drop(append_tx);
+        let synced = tokio::task::spawn_blocking(move || syncer.join())
+            .await
+            .map_err(|e| SettleError::Internal(format!("sync thread join failed: {e}")))?
+            .map_err(|_| SettleError::Internal("the WAL sync thread panicked".into()))?;
         let applied = applier
             .await
             .map_err(|e| SettleError::Internal(format!("applier task failed: {e}")))?;
         self.rejects.flush()?;
+        synced?;
         let settled = applied?;
         self.summary.settled = settled;
         if let Some(e) = halted {
@@ -319,18 +389,18 @@ impl Pipeline {
         Ok(self.summary)
     }
 
-    /// Validates, dedups and settles one micro-batch and makes it durable. `None` when nothing
-    /// in it needs the store.
+    /// Validates, dedups and settles one micro-batch and appends it to the WAL (not yet
+    /// synced: the syncer does that). `None` when nothing in it needs the store.
     async fn settle_batch(
         &mut self,
-        raw: Vec<Message>,
-    ) -> Result<Option<DurableBatch>, SettleError> {
+        raw: Vec<Parsed>,
+    ) -> Result<Option<AppendedBatch>, SettleError> {
         let started = Instant::now();
         self.summary.events += raw.len() as u64;
         metrics::counter!("settlement_events_total").increment(raw.len() as u64);
         let mut events: Vec<(Event, Vec<u8>)> = Vec::with_capacity(raw.len());
         for m in raw {
-            match parse_event(&m.bytes) {
+            match m.event {
                 Err(rejection) => {
                     if let Some(seq) = rejection.output_sequence {
                         if self.last_seq.is_some_and(|last| seq <= last) {
@@ -357,17 +427,21 @@ impl Pipeline {
         if events.is_empty() {
             return Ok(None);
         }
-        // Load the rows this batch touches that the cache has not seen.
-        let mut missing = Vec::new();
-        for (e, _) in &events {
-            self.cache.missing(e, &mut missing);
+        // Stay within the cache bound, then load the rows this batch touches that it lacks.
+        let evicted = self.cache.evict(self.acked_batch.load(Ordering::Acquire));
+        if evicted > 0 {
+            metrics::counter!("settlement_cache_evicted_rows_total").increment(evicted as u64);
         }
+        let missing = self.cache.missing_rows(events.iter().map(|(e, _)| e));
         if !missing.is_empty() {
             let rows = self.ledger.read_balances(&missing).await?;
             for (key, row) in missing.into_iter().zip(rows) {
                 self.cache.load(key, row.map_or(0, |r| r.amount));
             }
         }
+        metrics::gauge!("settlement_cache_rows").set(self.cache.len() as f64);
+        let batch = self.next_batch;
+        self.cache.begin_batch(batch);
         let mut settled: Vec<SettlementEntry> = Vec::with_capacity(events.len());
         for (event, bytes) in events {
             let seq = event.output_sequence();
@@ -385,27 +459,27 @@ impl Pipeline {
         if settled.is_empty() {
             return Ok(None);
         }
+        // Rejected messages are durable before any entry after them can be (P6): once a later
+        // entry is durable, a restart skips them as duplicates.
         if self.summary.rejected > self.rejects_synced {
             self.rejects.sync()?;
             self.rejects_synced = self.summary.rejected;
         }
         let payloads: Vec<Vec<u8>> = settled.iter().map(SettlementEntry::encode).collect();
         let wal = self.wal.clone();
-        let sync_started = Instant::now();
-        let (first_lsn, last_lsn) = tokio::task::block_in_place(|| {
-            let range = wal.append_batch(&payloads)?;
-            wal.sync()?; // P1: durable before any statement reaches the store
-            Ok::<_, crate::wal::WalError>(range)
-        })?;
-        metrics::histogram!("settlement_wal_sync_seconds")
-            .record(sync_started.elapsed().as_secs_f64());
-        let entries: Vec<(Lsn, SettlementEntry)> = (first_lsn..=last_lsn).zip(settled).collect();
+        let (first_lsn, last_lsn) = tokio::task::block_in_place(|| wal.append_batch(&payloads))?;
+        assert_eq!(
+            last_lsn - first_lsn + 1,
+            settled.len() as u64,
+            "one LSN per appended entry"
+        );
+        self.next_batch += 1;
         self.summary.batches += 1;
-        Ok(Some(DurableBatch {
+        Ok(Some(AppendedBatch {
+            batch,
             first_lsn,
             last_lsn,
-            writes: coalesce(&entries),
-            events: entries.len() as u64,
+            entries: settled,
             started,
         }))
     }
@@ -445,8 +519,104 @@ impl Pipeline {
     }
 }
 
-/// An applied batch: `(first LSN, last LSN, events, started)`, or why it failed.
-type BatchOutcome = Result<(Lsn, Lsn, u64, Instant), SettleError>;
+/// Appended batches waiting for their sync (the settle loop runs at most this far ahead of the
+/// disk).
+const SYNC_QUEUE_BATCHES: usize = 2;
+
+/// Chunks of parsed messages buffered between the parser and the settle loop: about two
+/// micro-batches' worth.
+fn ingest_queue_chunks(batch_max: usize) -> usize {
+    (2 * batch_max).div_ceil(PARSE_CHUNK_MESSAGES).max(2)
+}
+
+/// The parser stage: parses and validates messages off the settle loop, handing them over in
+/// chunks of what is ready (up to [`PARSE_CHUNK_MESSAGES`]).
+async fn parse_loop(mut source: mpsc::Receiver<Message>, out: mpsc::Sender<Vec<Parsed>>) {
+    let mut messages: Vec<Message> = Vec::with_capacity(PARSE_CHUNK_MESSAGES);
+    loop {
+        messages.clear();
+        if source.recv_many(&mut messages, PARSE_CHUNK_MESSAGES).await == 0 {
+            return; // the source closed
+        }
+        let chunk: Vec<Parsed> = messages
+            .drain(..)
+            .map(|m| Parsed {
+                event: parse_event(&m.bytes),
+                bytes: m.bytes,
+            })
+            .collect();
+        if out.send(chunk).await.is_err() {
+            return; // the settle loop stopped
+        }
+    }
+}
+
+/// The syncer (its own thread): one WAL sync per appended batch (P1: nothing reaches the store
+/// before its entries are durable; a sync also covers whatever was appended after the batch),
+/// then per-row coalescing, then on to the applier.
+fn sync_loop(
+    wal: Arc<Wal>,
+    mut batches: mpsc::Receiver<AppendedBatch>,
+    out: mpsc::Sender<DurableBatch>,
+) -> Result<(), SettleError> {
+    while let Some(b) = batches.blocking_recv() {
+        if wal.durable_lsn() < b.last_lsn {
+            let sync_started = Instant::now();
+            let durable_lsn = wal.sync()?;
+            metrics::histogram!("settlement_wal_sync_seconds")
+                .record(sync_started.elapsed().as_secs_f64());
+            assert!(
+                durable_lsn >= b.last_lsn,
+                "a sync covers everything appended before it"
+            );
+        }
+        let events = b.entries.len() as u64;
+        let entries: Vec<(Lsn, SettlementEntry)> =
+            (b.first_lsn..=b.last_lsn).zip(b.entries).collect();
+        let durable = DurableBatch {
+            batch: b.batch,
+            first_lsn: b.first_lsn,
+            last_lsn: b.last_lsn,
+            writes: coalesce(entries),
+            events,
+            started: b.started,
+        };
+        if out.blocking_send(durable).is_err() {
+            break; // the applier stopped: its error is reported by the pipeline
+        }
+    }
+    Ok(())
+}
+
+/// An applied batch: `(batch, first LSN, last LSN, events, started)`, or why it failed.
+type BatchOutcome = Result<(u64, Lsn, Lsn, u64, Instant), SettleError>;
+
+/// The highest write batch below which every batch is acknowledged (batches complete out of
+/// order with several in flight); published for the balance cache's eviction.
+struct AckedBatches {
+    contiguous: u64,
+    done: std::collections::BTreeSet<u64>,
+    published: Arc<AtomicU64>,
+}
+
+impl AckedBatches {
+    fn new(published: Arc<AtomicU64>) -> AckedBatches {
+        AckedBatches {
+            contiguous: published.load(Ordering::Acquire),
+            done: Default::default(),
+            published,
+        }
+    }
+
+    fn acked(&mut self, batch: u64) {
+        assert!(batch > self.contiguous, "a batch is acknowledged once");
+        self.done.insert(batch);
+        while self.done.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        self.published.store(self.contiguous, Ordering::Release);
+    }
+}
 
 /// Applies durable batches with up to `inflight` in flight; writes a commit marker for each
 /// acknowledged batch (P2) and checkpoints every `checkpoint_every` batches. Returns the number
@@ -457,8 +627,10 @@ async fn apply_loop(
     mut batches: mpsc::Receiver<DurableBatch>,
     inflight: usize,
     checkpoint_every: usize,
+    acked_batch: Arc<AtomicU64>,
 ) -> Result<u64, SettleError> {
     let mut running: JoinSet<BatchOutcome> = JoinSet::new();
+    let mut acked = AckedBatches::new(acked_batch);
     let mut settled = 0u64;
     let mut acked_batches = 0usize;
     let mut failure: Option<SettleError> = None;
@@ -475,14 +647,14 @@ async fn apply_loop(
                                 last_lsn: b.last_lsn,
                                 source: e,
                             })?;
-                            Ok((b.first_lsn, b.last_lsn, b.events, b.started))
+                            Ok((b.batch, b.first_lsn, b.last_lsn, b.events, b.started))
                         });
                         continue;
                     }
                     None => open = false,
                 },
                 Some(done) = running.join_next(), if !running.is_empty() => {
-                    on_done(&wal, done, &mut settled, &mut acked_batches, checkpoint_every, &mut failure)?;
+                    on_done(&wal, done, &mut settled, &mut acked_batches, checkpoint_every, &mut failure, &mut acked)?;
                     continue;
                 }
             }
@@ -495,6 +667,7 @@ async fn apply_loop(
                 &mut acked_batches,
                 checkpoint_every,
                 &mut failure,
+                &mut acked,
             )?,
             None if !open || failure.is_some() => break,
             None => {}
@@ -516,11 +689,13 @@ fn on_done(
     acked_batches: &mut usize,
     checkpoint_every: usize,
     failure: &mut Option<SettleError>,
+    acked: &mut AckedBatches,
 ) -> Result<(), SettleError> {
     match done {
-        Ok(Ok((first, last, events, started))) => {
+        Ok(Ok((batch, first, last, events, started))) => {
             // P2: the marker only after the store acknowledged every write of the batch.
             wal.commit_range(first, last)?;
+            acked.acked(batch);
             *settled += events;
             *acked_batches += 1;
             metrics::counter!("settlement_settled_total").increment(events);

@@ -1,0 +1,1385 @@
+//! End-to-end settlement pipeline benchmark (issue: "trades/s and ingest-to-marker latency of
+//! this pipeline, side by side with the seed's alternatives, in one run").
+//!
+//! Sections, all in one process and one run:
+//!
+//! 1. **Instant-ack store**: the real pipeline (`Settlement::open` + `Settlement::run`: parse,
+//!    validate, dedup, balance cache, bincode encode, WAL append + one real msync per
+//!    micro-batch, coalescing, commit markers, checkpoints) over a `Ledger` whose `apply`
+//!    returns `Ok` at once. batch_max 1000 / 5000 / 10000, inflight 8. This is the engine's own
+//!    ceiling (target: >= 1,000,000 trades/s).
+//! 2. **Stage profile**: each stage of the settle loop timed alone, single-threaded, on the same
+//!    kind of input (JSON parse + validation, cache, encode, coalesce, WAL append + sync, the
+//!    source-queue hop), so the lead can see where the time goes.
+//! 3. **Real node** (127.0.0.1:9042, fresh keyspaces, consistency ONE; skipped with a message
+//!    when the node is not reachable): the pipeline over `CqlLedger` at batch_max 500 / 1000 and
+//!    inflight 8 / 16 (time-bounded runs, then drain); in the same run the alternatives: one
+//!    LOGGED batch per trade, LOGGED micro-batches of 10 and 50 trades at 1 / 8 / 32 workers,
+//!    and raw single-row inserts at 32 / 64 / 128 workers (the node's rows/s ceiling). The
+//!    first pipeline setting is run again at the end to show drift.
+//!
+//! Latency of the pipeline is per **micro-batch**, read from the library's own
+//! `settlement_batch_seconds` histogram (a metrics recorder installed by this bench): from the
+//! moment the settle loop starts processing the batch (right after gathering it from the source
+//! queue) to the moment its commit marker is written. The gathering itself is not included (see
+//! docs/benchmarks-pipeline.md).
+//!
+//! Input: contract JSON lines, deposits first (3 assets per user, settled untimed in their own
+//! run), then trades between pseudo-random users among `USERS`, fed through a bounded queue of
+//! `ingest::SOURCE_QUEUE_DEPTH` messages (the same depth as the real sources).
+//!
+//! Run: `cargo bench --bench settle_pipeline` (node: `tools/cassandra start`).
+//! Environment: `PIPELINE_BENCH_SCALE` (default 1; shrinks trade counts and durations),
+//! `PIPELINE_BENCH_SECS` (seconds per time-bounded CQL measurement, default 6, scaled),
+//! `PIPELINE_BENCH_ONLY` (`instant` or `cql`; default both), `PIPELINE_BENCH_STAGES=0` (skip
+//! the stage profile, e.g. under `perf record`), `PIPELINE_BENCH_NODE` (default
+//! 127.0.0.1:9042). Criterion-style arguments (`--bench`) are ignored.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Consistency;
+use settlement_wal::app::messages_source;
+use settlement_wal::ingest::SOURCE_QUEUE_DEPTH;
+use settlement_wal::ledger::conformance::trade_entry;
+use settlement_wal::ledger::cql::CqlLedger;
+use settlement_wal::ledger::{
+    Amount, BalanceKey, BalanceRow, BalanceWrite, EntryWrites, EventRow, Ledger, LedgerError,
+    MovementRow, StoreUrl, TradeRow,
+};
+use settlement_wal::settle::entry::{BalanceCache, SettlementEntry};
+use settlement_wal::settle::event::parse_event;
+use settlement_wal::settle::{
+    Message, PipelineSettings, RejectSink, Settlement, SettlementOptions,
+};
+use settlement_wal::wal::format::DEFAULT_SEGMENT_SIZE_BYTES;
+use settlement_wal::wal::{Lsn, Wal, WalOptions};
+use tokio::sync::{mpsc, watch};
+
+/// Users trading (balance rows: 3 per user).
+const USERS: u64 = 10_000;
+/// Trades per instant-ack run at scale 1.
+const INSTANT_TRADES: f64 = 1_500_000.0;
+/// Trades in the single-threaded stage profile at scale 1.
+const PROFILE_TRADES: f64 = 300_000.0;
+
+// ------------------------------------------------------------------------------------------
+// A metrics recorder that keeps every histogram sample (the pipeline records a few per batch).
+
+/// Samples with the moment they were recorded.
+#[derive(Default)]
+struct Samples(Mutex<Vec<(Instant, f64)>>);
+
+impl metrics::HistogramFn for Samples {
+    fn record(&self, value: f64) {
+        self.0.lock().unwrap().push((Instant::now(), value));
+    }
+}
+
+#[derive(Default)]
+struct SampleRecorder {
+    histograms: Mutex<HashMap<String, Arc<Samples>>>,
+}
+
+impl SampleRecorder {
+    fn samples(&self, name: &str) -> Arc<Samples> {
+        self.histograms
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+impl metrics::Recorder for SampleRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::from_arc(self.samples(key.name()))
+    }
+}
+
+static RECORDER: OnceLock<Arc<SampleRecorder>> = OnceLock::new();
+
+fn install_recorder() {
+    let r = Arc::new(SampleRecorder::default());
+    metrics::set_global_recorder(r.clone()).expect("no other metrics recorder in this process");
+    let _ = RECORDER.set(r);
+}
+
+/// Takes (and clears) every sample of histogram `name`.
+fn take_samples(name: &str) -> Vec<(Instant, f64)> {
+    let s = RECORDER.get().expect("recorder installed").samples(name);
+    let taken = std::mem::take(&mut *s.0.lock().unwrap());
+    taken
+}
+
+/// The values recorded in `window` (all when `None`), sorted.
+fn in_window(samples: &[(Instant, f64)], window: Option<(Instant, Instant)>) -> Vec<f64> {
+    let mut v: Vec<f64> = samples
+        .iter()
+        .filter(|(t, _)| window.is_none_or(|(a, b)| *t >= a && *t <= b))
+        .map(|(_, v)| *v)
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn ms(secs: f64) -> String {
+    if secs.is_nan() {
+        "-".into()
+    } else {
+        format!("{:.2}", secs * 1e3)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Stores: an instant-ack one, and a wrapper that counts and times what `apply` receives.
+
+/// Acknowledges every write at once and holds nothing.
+struct InstantLedger;
+
+#[async_trait::async_trait]
+impl Ledger for InstantLedger {
+    async fn apply(&self, _entries: &[EntryWrites]) -> Result<(), LedgerError> {
+        Ok(())
+    }
+    async fn trade_lsn(&self, _trade_id: u64) -> Result<Option<Lsn>, LedgerError> {
+        Ok(None)
+    }
+    async fn movement_lsn(&self, _output_sequence: u64) -> Result<Option<Lsn>, LedgerError> {
+        Ok(None)
+    }
+    async fn read_balances(
+        &self,
+        keys: &[BalanceKey],
+    ) -> Result<Vec<Option<BalanceRow>>, LedgerError> {
+        Ok(vec![None; keys.len()])
+    }
+    async fn scan_balances(&self) -> Result<Vec<(BalanceKey, BalanceRow)>, LedgerError> {
+        Ok(Vec::new())
+    }
+    async fn scan_trades(&self) -> Result<Vec<TradeRow>, LedgerError> {
+        Ok(Vec::new())
+    }
+    async fn scan_movements(&self) -> Result<Vec<MovementRow>, LedgerError> {
+        Ok(Vec::new())
+    }
+    fn describe(&self) -> String {
+        "instant-ack (bench)".into()
+    }
+}
+
+/// Forwards to `inner`; counts the rows the pipeline writes and times each `apply`.
+struct CountingLedger {
+    inner: Arc<dyn Ledger>,
+    rows: AtomicU64,
+    event_rows: AtomicU64,
+    keys_read: AtomicU64,
+    apply_secs: Mutex<Vec<(Instant, f64)>>,
+}
+
+impl CountingLedger {
+    fn new(inner: Arc<dyn Ledger>) -> CountingLedger {
+        CountingLedger {
+            inner,
+            rows: AtomicU64::new(0),
+            event_rows: AtomicU64::new(0),
+            keys_read: AtomicU64::new(0),
+            apply_secs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// (rows, event rows) acknowledged so far.
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.rows.load(Ordering::Relaxed),
+            self.event_rows.load(Ordering::Relaxed),
+        )
+    }
+
+    /// (rows, event rows, apply seconds with their end time) since the last call.
+    fn take(&self) -> (u64, u64, Vec<(Instant, f64)>) {
+        self.keys_read.store(0, Ordering::Relaxed);
+        let v = std::mem::take(&mut *self.apply_secs.lock().unwrap());
+        (
+            self.rows.swap(0, Ordering::Relaxed),
+            self.event_rows.swap(0, Ordering::Relaxed),
+            v,
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl Ledger for CountingLedger {
+    async fn apply(&self, entries: &[EntryWrites]) -> Result<(), LedgerError> {
+        let started = Instant::now();
+        self.inner.apply(entries).await?;
+        let secs = started.elapsed().as_secs_f64();
+        let rows: usize = entries.iter().map(EntryWrites::row_count).sum();
+        let events = entries.iter().filter(|e| e.event.is_some()).count();
+        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.event_rows.fetch_add(events as u64, Ordering::Relaxed);
+        self.apply_secs.lock().unwrap().push((Instant::now(), secs));
+        Ok(())
+    }
+    async fn trade_lsn(&self, trade_id: u64) -> Result<Option<Lsn>, LedgerError> {
+        self.inner.trade_lsn(trade_id).await
+    }
+    async fn movement_lsn(&self, output_sequence: u64) -> Result<Option<Lsn>, LedgerError> {
+        self.inner.movement_lsn(output_sequence).await
+    }
+    async fn read_balances(
+        &self,
+        keys: &[BalanceKey],
+    ) -> Result<Vec<Option<BalanceRow>>, LedgerError> {
+        self.keys_read
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        self.inner.read_balances(keys).await
+    }
+    async fn scan_balances(&self) -> Result<Vec<(BalanceKey, BalanceRow)>, LedgerError> {
+        self.inner.scan_balances().await
+    }
+    async fn scan_trades(&self) -> Result<Vec<TradeRow>, LedgerError> {
+        self.inner.scan_trades().await
+    }
+    async fn scan_movements(&self) -> Result<Vec<MovementRow>, LedgerError> {
+        self.inner.scan_movements().await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Input: contract JSON lines.
+
+const SYMBOLS: [(&str, i64); 3] = [("BTC-USDT", 65_000), ("ETH-USDT", 3_000), ("ETH-BTC", 5)];
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64 finalizer
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Output sequences 1..=3*USERS: one deposit per user and asset.
+fn deposit_lines() -> Vec<String> {
+    let mut out = Vec::with_capacity(3 * USERS as usize);
+    let mut seq = 0;
+    for user in 1..=USERS {
+        for (asset, amount) in [
+            ("USDT", 10_000_000_000i64),
+            ("BTC", 1_000_000),
+            ("ETH", 10_000_000),
+        ] {
+            seq += 1;
+            out.push(format!(
+                r#"{{"output_sequence":{seq},"type":"deposit","user_id":{user},"asset":"{asset}","amount":{amount}}}"#
+            ));
+        }
+    }
+    out
+}
+
+/// The trade with output sequence `seq` (deterministic; trade id = sequence).
+fn trade_line(seq: u64) -> String {
+    let h = mix(seq);
+    let (symbol, price) = SYMBOLS[(h % 3) as usize];
+    trade_json(
+        seq,
+        symbol,
+        price,
+        1 + (h >> 8) % USERS,
+        1 + (h >> 28) % USERS,
+    )
+}
+
+/// Trade `k` of the `USERS` trades that touch every balance row once: users 2p+1 and 2p+2
+/// trade BTC-USDT, then ETH-BTC (USERS even).
+fn covering_trade_line(seq: u64, k: u64) -> String {
+    let (symbol, price) = SYMBOLS[if k % 2 == 0 { 0 } else { 2 }];
+    let pair = k / 2;
+    trade_json(seq, symbol, price, 2 * pair + 1, 2 * pair + 2)
+}
+
+fn trade_json(seq: u64, symbol: &str, price: i64, buyer: u64, seller: u64) -> String {
+    let h = mix(seq ^ 0x5555);
+    let quantity = 1 + (h >> 48) % 20;
+    let price = price + ((h >> 56) % 100) as i64;
+    format!(
+        r#"{{"output_sequence":{seq},"trade_id":{seq},"symbol":"{symbol}","buyer_user_id":{buyer},"seller_user_id":{seller},"price":{price},"quantity":{quantity},"timestamp_ns":{}}}"#,
+        1_763_900_000_000_000_000u64 + seq * 1000
+    )
+}
+
+/// A source that generates trades from `first_seq` on, until the pipeline stops reading: first
+/// the `USERS` covering trades (so a cold balance cache loads every row early and in bulk),
+/// then pseudo-random ones.
+fn generated_source(first_seq: u64) -> mpsc::Receiver<Message> {
+    let (tx, rx) = mpsc::channel(SOURCE_QUEUE_DEPTH);
+    tokio::spawn(async move {
+        let mut seq = first_seq;
+        loop {
+            let k = seq - first_seq;
+            let line = if k < USERS {
+                covering_trade_line(seq, k)
+            } else {
+                trade_line(seq)
+            };
+            let m = Message {
+                bytes: line.into_bytes(),
+            };
+            if tx.send(m).await.is_err() {
+                return;
+            }
+            seq += 1;
+        }
+    });
+    rx
+}
+
+// ------------------------------------------------------------------------------------------
+// One pipeline run through the library.
+
+enum Source {
+    Lines(Vec<String>),
+    /// Generated trades after the last durable output sequence: a warm-up of at least `warm`
+    /// and until the (cold) balance cache has loaded every balance row (at most `WARM_MAX`),
+    /// then a measured window of `window`, then shutdown and drain.
+    Generated {
+        warm: Duration,
+        window: Duration,
+    },
+}
+
+/// Longest warm-up of a time-bounded run.
+const WARM_MAX: Duration = Duration::from_secs(40);
+
+/// What was acknowledged inside the measured window of a time-bounded run.
+struct Steady {
+    /// Warm-up before the window.
+    warm_secs: f64,
+    secs: f64,
+    trades: u64,
+    rows: u64,
+}
+
+struct PipeRun {
+    settled: u64,
+    batches: u64,
+    secs: f64,
+    syncs: u64,
+    rows: u64,
+    event_rows: u64,
+    /// settlement_batch_seconds, sorted (inside the window for time-bounded runs).
+    batch_lat: Vec<f64>,
+    /// settlement_wal_sync_seconds (append + sync), sorted (idem).
+    sync_lat: Vec<f64>,
+    /// Store apply per micro-batch, sorted (idem).
+    apply_lat: Vec<f64>,
+    device_kib: Option<u64>,
+    steady: Option<Steady>,
+    /// Library warnings logged during the run (CQL retries among them).
+    warnings: u64,
+}
+
+impl PipeRun {
+    fn tps(&self) -> f64 {
+        self.settled as f64 / self.secs
+    }
+    fn rps(&self) -> f64 {
+        self.rows as f64 / self.secs
+    }
+    /// Trades/s acknowledged inside the measured window (whole run when there is none).
+    fn steady_tps(&self) -> f64 {
+        self.steady
+            .as_ref()
+            .map_or(self.tps(), |s| s.trades as f64 / s.secs)
+    }
+    /// Rows/s acknowledged inside the measured window (whole run when there is none).
+    fn steady_rps(&self) -> f64 {
+        self.steady
+            .as_ref()
+            .map_or(self.rps(), |s| s.rows as f64 / s.secs)
+    }
+}
+
+/// Sectors written by the WAL's block device so far (whole device: includes other processes).
+fn device_sectors_written(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let (major, minor) = (libc_major(dev), libc_minor(dev));
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    stat.split_whitespace().nth(6)?.parse().ok()
+}
+
+fn libc_major(dev: u64) -> u64 {
+    ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff)
+}
+
+fn libc_minor(dev: u64) -> u64 {
+    ((dev >> 12) & 0xffff_ff00) | (dev & 0xff)
+}
+
+async fn pipeline_run(
+    ledger: &Arc<CountingLedger>,
+    wal_dir: &Path,
+    source: Source,
+    settings: PipelineSettings,
+) -> PipeRun {
+    let store: Arc<dyn Ledger> = ledger.clone();
+    let settlement = Settlement::open(
+        store,
+        &SettlementOptions {
+            wal_dir: wal_dir.to_path_buf(),
+            segment_size_bytes: DEFAULT_SEGMENT_SIZE_BYTES,
+            accept_divergence: false,
+        },
+    )
+    .await
+    .expect("open settlement");
+    let next_seq = settlement.last_output_sequence().map_or(1, |s| s + 1);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (rx, timing) = match source {
+        Source::Lines(lines) => (messages_source(lines), None),
+        Source::Generated { warm, window } => (generated_source(next_seq), Some((warm, window))),
+    };
+    ledger.take();
+    take_samples("settlement_batch_seconds");
+    take_samples("settlement_wal_sync_seconds");
+    let syncs0 = settlement.wal().stats().syncs;
+    let warnings0 = WARNINGS.load(Ordering::Relaxed);
+    let sectors0 = device_sectors_written(wal_dir);
+    // The sender must outlive the run: a dropped sender reads as a shutdown.
+    let shutdown_tx = Arc::new(shutdown_tx);
+    let timer = timing.map(|(warm, window)| {
+        let tx = shutdown_tx.clone();
+        let ledger = ledger.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            tokio::time::sleep(warm).await;
+            let rows = 3 * USERS;
+            while ledger.keys_read.load(Ordering::Relaxed) < rows && t0.elapsed() < WARM_MAX {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let a = (Instant::now(), ledger.counts());
+            tokio::time::sleep(window).await;
+            let b = (Instant::now(), ledger.counts());
+            let _ = tx.send(true);
+            (a, b)
+        })
+    });
+    let started = Instant::now();
+    let summary = settlement
+        .run(rx, shutdown_rx, settings, RejectSink::discard())
+        .await
+        .expect("pipeline run");
+    let secs = started.elapsed().as_secs_f64();
+    let marks = match timer {
+        Some(t) => Some(t.await.expect("timer task")),
+        None => None,
+    };
+    drop(shutdown_tx);
+    assert_eq!(summary.rejected, 0, "bench input is valid: {summary}");
+    let syncs = settlement.wal().stats().syncs - syncs0;
+    let device_kib = match (sectors0, device_sectors_written(wal_dir)) {
+        (Some(a), Some(b)) => Some((b - a) / 2),
+        _ => None,
+    };
+    drop(settlement);
+    let (rows, event_rows, apply_lat) = ledger.take();
+    let window = marks.map(|((ta, _), (tb, _))| (ta, tb));
+    let steady = marks.map(|((ta, (ra, ea)), (tb, (rb, eb)))| Steady {
+        warm_secs: (ta - started).as_secs_f64(),
+        secs: (tb - ta).as_secs_f64(),
+        trades: eb - ea,
+        rows: rb - ra,
+    });
+    PipeRun {
+        settled: summary.settled,
+        batches: summary.batches,
+        secs,
+        syncs,
+        rows,
+        event_rows,
+        batch_lat: in_window(&take_samples("settlement_batch_seconds"), window),
+        sync_lat: in_window(&take_samples("settlement_wal_sync_seconds"), window),
+        apply_lat: in_window(&apply_lat, window),
+        device_kib,
+        steady,
+        warnings: WARNINGS.load(Ordering::Relaxed) - warnings0,
+    }
+}
+
+fn settings(batch_max: usize, inflight: usize) -> PipelineSettings {
+    PipelineSettings {
+        batch_max,
+        inflight,
+        ..PipelineSettings::default()
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Section 1: instant-ack store.
+
+async fn instant_section(scale: f64) -> Option<f64> {
+    let trades = ((INSTANT_TRADES * scale) as u64).max(10_000);
+    let deposits = deposit_lines();
+    let first = deposits.len() as u64 + 1;
+    eprintln!("instant-ack: generating {trades} trades...");
+    let lines: Vec<String> = (first..first + trades).map(trade_line).collect();
+    let avg_line = lines.iter().map(String::len).sum::<usize>() as f64 / lines.len() as f64;
+
+    println!("## Instant-ack store: the engine's own ceiling\n");
+    println!(
+        "{trades} trades per run ({USERS} users, {avg_line:.0}-byte JSON lines) after {} deposits \
+         (settled in their own, untimed run); `apply` returns Ok at once; batch_delay_ms 2, \
+         checkpoint every 32 batches, WAL segment {} MiB, fresh WAL directory per row.\n",
+        deposits.len(),
+        DEFAULT_SEGMENT_SIZE_BYTES >> 20
+    );
+    println!(
+        "| batch_max | inflight | trades/s | wall s | micro-batches | WAL syncs | trades/sync | \
+         batch p50 ms | batch p99 ms | WAL append+sync p50 ms | p99 ms | device KiB/sync |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut best = 0.0f64;
+    for batch_max in [1000usize, 5000, 10_000] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Arc::new(CountingLedger::new(Arc::new(InstantLedger)));
+        let _ = pipeline_run(
+            &ledger,
+            dir.path(),
+            Source::Lines(deposits.clone()),
+            settings(batch_max, 8),
+        )
+        .await;
+        let r = pipeline_run(
+            &ledger,
+            dir.path(),
+            Source::Lines(lines.clone()),
+            settings(batch_max, 8),
+        )
+        .await;
+        assert_eq!(r.settled, trades);
+        best = best.max(r.tps());
+        println!(
+            "| {batch_max} | 8 | {:.0} | {:.2} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            r.tps(),
+            r.secs,
+            r.batches,
+            r.syncs,
+            r.settled as f64 / r.syncs.max(1) as f64,
+            ms(pct(&r.batch_lat, 0.5)),
+            ms(pct(&r.batch_lat, 0.99)),
+            ms(pct(&r.sync_lat, 0.5)),
+            ms(pct(&r.sync_lat, 0.99)),
+            r.device_kib
+                .map(|k| format!("{:.0}", k as f64 / r.syncs.max(1) as f64))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    println!(
+        "\nBest: {best:.0} trades/s (target >= 1,000,000: {}).\n",
+        verdict(best >= 1_000_000.0)
+    );
+    if std::env::var("PIPELINE_BENCH_STAGES").as_deref() != Ok("0") {
+        stage_profile(
+            &lines[..lines
+                .len()
+                .min((PROFILE_TRADES * scale) as usize)
+                .max(10_000)],
+        )
+        .await;
+    }
+    Some(best)
+}
+
+// ------------------------------------------------------------------------------------------
+// Section 2: the settle loop's stages, each timed alone (single thread).
+
+/// A copy of `pipeline::coalesce` (private there): event rows, newest post-image per row.
+fn coalesce_copy(entries: &[(Lsn, SettlementEntry)]) -> Vec<EntryWrites> {
+    let mut rows: HashMap<BalanceKey, (Amount, Lsn)> = HashMap::new();
+    let mut writes = Vec::with_capacity(entries.len() + 1);
+    for (lsn, entry) in entries {
+        writes.push(EntryWrites {
+            lsn: *lsn,
+            event: Some(entry.event_row(*lsn)),
+            balances: Vec::new(),
+        });
+        for (key, amount) in &entry.post_images {
+            rows.insert(key.clone(), (*amount, *lsn));
+        }
+    }
+    if let Some((last, _)) = entries.last() {
+        let mut balances: Vec<BalanceWrite> = rows
+            .into_iter()
+            .map(|(key, (amount, lsn))| BalanceWrite { key, amount, lsn })
+            .collect();
+        balances.sort_by(|a, b| a.key.cmp(&b.key));
+        writes.push(EntryWrites {
+            lsn: *last,
+            event: None,
+            balances,
+        });
+    }
+    writes
+}
+
+async fn stage_profile(lines: &[String]) {
+    let n = lines.len();
+    let per = |d: Duration| d.as_secs_f64() * 1e9 / n as f64;
+    let mut stages: Vec<(String, f64)> = Vec::new();
+
+    // Source queue hop: a producer task and a consumer, as in `settlement run`.
+    let owned: Vec<String> = lines.to_vec();
+    let t = Instant::now();
+    let mut rx = messages_source(owned);
+    let mut got = 0usize;
+    while rx.recv().await.is_some() {
+        got += 1;
+    }
+    assert_eq!(got, n);
+    stages.push((
+        "source queue hop (bounded mpsc, producer task -> settle loop)".into(),
+        per(t.elapsed()),
+    ));
+
+    let t = Instant::now();
+    let events: Vec<_> = lines
+        .iter()
+        .map(|l| parse_event(l.as_bytes()).expect("valid"))
+        .collect();
+    stages.push((
+        "parse_event (serde_json::Value + validation)".into(),
+        per(t.elapsed()),
+    ));
+
+    // A cold cache, as at the start of every `Settlement::run`: the pipeline collects the
+    // missing rows of a whole micro-batch into one Vec (deduplicated with `Vec::contains`).
+    let mut cold = Vec::new();
+    for batch in [1000usize, 5000, 10_000] {
+        let cache = BalanceCache::default();
+        let mut missing = Vec::new();
+        let t = Instant::now();
+        for e in events.iter().take(batch) {
+            cache.missing(e, &mut missing);
+        }
+        cold.push((batch, t.elapsed(), missing.len()));
+    }
+    let mut cache = BalanceCache::default();
+    let mut missing = Vec::new();
+    for e in &events {
+        cache.missing(e, &mut missing);
+        for k in missing.drain(..) {
+            cache.load(k, 0);
+        }
+    }
+    let t = Instant::now();
+    for e in &events {
+        cache.missing(e, &mut missing);
+    }
+    assert!(missing.is_empty());
+    stages.push((
+        "cache.missing, warm cache (4 BalanceKey allocs + 4 SipHash lookups per trade)".into(),
+        per(t.elapsed()),
+    ));
+
+    let t = Instant::now();
+    let entries: Vec<SettlementEntry> = events
+        .into_iter()
+        .map(|e| cache.settle(e).expect("settles"))
+        .collect();
+    stages.push((
+        "cache.settle (deltas, post-images, HashMap updates)".into(),
+        per(t.elapsed()),
+    ));
+
+    let t = Instant::now();
+    let payloads: Vec<Vec<u8>> = entries.iter().map(SettlementEntry::encode).collect();
+    stages.push(("SettlementEntry::encode (bincode)".into(), per(t.elapsed())));
+    let payload_avg = payloads.iter().map(Vec::len).sum::<usize>() as f64 / n as f64;
+
+    let numbered: Vec<(Lsn, SettlementEntry)> = (1..).zip(entries).collect();
+    let t = Instant::now();
+    let mut rows = 0usize;
+    for chunk in numbered.chunks(1000) {
+        rows += coalesce_copy(chunk)
+            .iter()
+            .map(EntryWrites::row_count)
+            .sum::<usize>();
+    }
+    stages.push((
+        "coalesce per 1000-trade batch (event_row clones + HashMap + sort)".into(),
+        per(t.elapsed()),
+    ));
+    std::hint::black_box(rows);
+    drop(numbered);
+
+    let mut wal_rows = Vec::new();
+    for batch in [1000usize, 5000, 10_000] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(dir.path(), WalOptions::default()).expect("wal");
+        let t = Instant::now();
+        let mut sync_time = Duration::ZERO;
+        for chunk in payloads.chunks(batch) {
+            wal.append_batch(chunk).expect("append");
+            let s = Instant::now();
+            wal.sync().expect("sync");
+            sync_time += s.elapsed();
+        }
+        let total = t.elapsed();
+        wal_rows.push((batch, per(total), per(sync_time), wal.stats().syncs));
+    }
+
+    println!("## Stage profile: the settle loop's work per trade, each stage alone\n");
+    println!(
+        "{n} trades, single thread (the settle loop is one task), release build. The pipeline \
+         runs these stages one after the other on that task for every micro-batch; the store \
+         apply and the commit markers run on other tasks. WAL payload {payload_avg:.0} bytes \
+         per trade.\n"
+    );
+    println!("| stage | ns per trade | ceiling alone (trades/s) |");
+    println!("|---|---:|---:|");
+    let mut cpu_total = 0.0;
+    for (name, ns) in &stages {
+        if !name.starts_with("source") {
+            cpu_total += ns;
+        }
+        println!("| {name} | {ns:.0} | {:.0} |", 1e9 / ns);
+    }
+    for (batch, ns, sync_ns, syncs) in &wal_rows {
+        println!(
+            "| WAL append_batch + sync, {batch} per sync ({syncs} syncs; of which msync {sync_ns:.0} ns) | {ns:.0} | {:.0} |",
+            1e9 / ns
+        );
+    }
+    let hop = stages[0].1;
+    let wal1000 = wal_rows[0].1;
+    let sum = cpu_total + hop + wal1000;
+    println!(
+        "\nSum for one trade at 1000 per sync (queue hop + parse + cache + encode + coalesce + \
+         WAL): {sum:.0} ns = at most {:.0} trades/s on one core; parse_event alone is {:.0}% of it.\n",
+        1e9 / sum,
+        100.0 * stages[1].1 / sum
+    );
+    println!(
+        "Cold cache (first micro-batch of every run, and after a restart): `missing` over one \
+         micro-batch, which deduplicates with `Vec::contains` (quadratic in the rows missing):\n"
+    );
+    println!("| micro-batch | rows missing | time | per trade |");
+    println!("|---:|---:|---:|---:|");
+    for (batch, d, rows) in &cold {
+        println!(
+            "| {batch} | {rows} | {:.1} ms | {:.0} ns |",
+            d.as_secs_f64() * 1e3,
+            d.as_secs_f64() * 1e9 / *batch as f64
+        );
+    }
+    println!();
+}
+
+// ------------------------------------------------------------------------------------------
+// Section 3: the real node. Alternatives adapted from benches/cql_batches.rs.
+
+#[derive(Clone, Copy, Debug)]
+enum Unit {
+    /// One LOGGED batch holding `n` trades (5 statements each).
+    Logged(usize),
+    /// One single-row insert (raw capacity).
+    Row,
+}
+
+impl Unit {
+    fn trades(self) -> u64 {
+        match self {
+            Unit::Logged(n) => n as u64,
+            Unit::Row => 0,
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Unit::Logged(1) => "individual LOGGED batch per trade".into(),
+            Unit::Logged(n) => format!("micro-batched LOGGED, {n} trades per batch"),
+            Unit::Row => "raw: single-row INSERT, no batch".into(),
+        }
+    }
+
+    fn latency_unit(self) -> String {
+        match self {
+            Unit::Logged(n) => format!("batch ({} stmts)", 5 * n),
+            Unit::Row => "insert".into(),
+        }
+    }
+}
+
+struct AltBench {
+    ledger: CqlLedger,
+    insert_trade: PreparedStatement,
+    insert_balance: PreparedStatement,
+    next: AtomicU64,
+}
+
+/// Trade `lsn` between pseudo-random users among `USERS` (as the pipeline's input).
+fn alt_trade(lsn: u64) -> EntryWrites {
+    let h = mix(lsn);
+    let buyer = 1 + (h >> 8) % USERS;
+    let seller = 1 + (h >> 28) % USERS;
+    let q = 1 + (h >> 48) as i64 % 20;
+    trade_entry(lsn, lsn, buyer, seller, [q, -q * 65_000, -q, q * 65_000])
+}
+
+enum Vals {
+    Trade((i64, i64, String, i64, i64, i64, i64, i64, i64, i64)),
+    Balance((i64, String, i64, i64, i64)),
+}
+
+impl scylla::serialize::row::SerializeRow for Vals {
+    fn serialize(
+        &self,
+        ctx: &scylla::serialize::row::RowSerializationContext<'_>,
+        writer: &mut scylla::serialize::writers::RowWriter,
+    ) -> Result<(), scylla::serialize::SerializationError> {
+        match self {
+            Vals::Trade(v) => v.serialize(ctx, writer),
+            Vals::Balance(v) => v.serialize(ctx, writer),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+fn logged_batch(b: &AltBench, entries: &[EntryWrites]) -> (Batch, Vec<Vals>) {
+    let mut batch = Batch::new(BatchType::Logged);
+    batch.set_consistency(Consistency::One);
+    batch.set_is_idempotent(true);
+    let mut values = Vec::with_capacity(entries.len() * 5);
+    for e in entries {
+        if let Some(EventRow::Trade(t)) = &e.event {
+            batch.append_statement(b.insert_trade.clone());
+            let lsn = t.lsn as i64;
+            values.push(Vals::Trade((
+                t.trade_id as i64,
+                t.output_sequence as i64,
+                t.symbol.clone(),
+                t.buyer_user_id as i64,
+                t.seller_user_id as i64,
+                t.price,
+                t.quantity,
+                t.timestamp_ns,
+                lsn,
+                lsn,
+            )));
+        }
+        for w in &e.balances {
+            batch.append_statement(b.insert_balance.clone());
+            let lsn = w.lsn as i64;
+            values.push(Vals::Balance((
+                w.key.user_id as i64,
+                w.key.asset.clone(),
+                w.amount,
+                lsn,
+                lsn,
+            )));
+        }
+    }
+    (batch, values)
+}
+
+async fn run_unit(b: &AltBench, unit: Unit) -> Result<(), String> {
+    match unit {
+        Unit::Logged(n) => {
+            let first = b.next.fetch_add(n as u64, Ordering::Relaxed);
+            let entries: Vec<EntryWrites> = (first..first + n as u64).map(alt_trade).collect();
+            let (batch, values) = logged_batch(b, &entries);
+            b.ledger
+                .session()
+                .batch(&batch, &values)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+        Unit::Row => {
+            let lsn = b.next.fetch_add(1, Ordering::Relaxed) as i64;
+            b.ledger
+                .session()
+                .execute_unpaged(&b.insert_balance, (lsn % 100_000, "BTC", lsn, lsn, lsn))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+struct Measured {
+    units: u64,
+    trades: u64,
+    errors: u64,
+    secs: f64,
+    lat: Vec<f64>,
+}
+
+async fn measure(b: &Arc<AltBench>, unit: Unit, workers: usize, secs: f64) -> Measured {
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let b = Arc::clone(b);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let s = Instant::now();
+                match run_unit(&b, unit).await {
+                    Ok(()) => lat.push(s.elapsed().as_secs_f64()),
+                    Err(e) => {
+                        if errors == 0 {
+                            eprintln!("  {}: first error: {e}", unit.label());
+                        }
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await.unwrap();
+        all.extend(lat);
+        errors += e;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    Measured {
+        units: all.len() as u64,
+        trades: all.len() as u64 * unit.trades(),
+        errors,
+        secs,
+        lat: all,
+    }
+}
+
+fn fresh_keyspace(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_000_000;
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+async fn connect(node: &str, keyspace: &str) -> CqlLedger {
+    let StoreUrl::Cql(config) = format!("cql://{node}/{keyspace}?consistency=one")
+        .parse::<StoreUrl>()
+        .expect("store url")
+    else {
+        unreachable!()
+    };
+    CqlLedger::connect(config)
+        .await
+        .expect("connect to the node")
+}
+
+struct PipeRow {
+    label: String,
+    run: PipeRun,
+}
+
+async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>) {
+    println!("## Real node: the pipeline and the alternatives, same run, same node\n");
+    let addr: SocketAddr = match node.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            println!("skipping the Cassandra part: bad node address {node:?}: {e}\n");
+            return;
+        }
+    };
+    if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        println!(
+            "skipping the Cassandra part: nothing listening on {node} ({e}); start it with \
+             `tools/cassandra start`\n"
+        );
+        return;
+    }
+    let ks_pipe = fresh_keyspace("pipe_bench");
+    let ks_alt = fresh_keyspace("pipe_alt");
+    let cql = connect(node, &ks_pipe).await;
+    let cfg = cql.config().clone();
+    let ledger = Arc::new(CountingLedger::new(Arc::new(cql)));
+    let alt = connect(node, &ks_alt).await;
+    let prep = |cql: String| {
+        let s = alt.session();
+        async move {
+            let mut p = s.prepare(cql).await.expect("prepare");
+            p.set_is_idempotent(true);
+            p.set_consistency(Consistency::One);
+            p
+        }
+    };
+    let insert_trade = prep(format!(
+        "INSERT INTO {ks_alt}.trades (trade_id, output_sequence, symbol, buyer_user_id, \
+         seller_user_id, price, quantity, timestamp_ns, lsn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         USING TIMESTAMP ?"
+    ))
+    .await;
+    let insert_balance = prep(format!(
+        "INSERT INTO {ks_alt}.balances (user_id, asset, amount, last_lsn) VALUES (?, ?, ?, ?) \
+         USING TIMESTAMP ?"
+    ))
+    .await;
+    let b = Arc::new(AltBench {
+        ledger: alt,
+        insert_trade,
+        insert_balance,
+        next: AtomicU64::new(1),
+    });
+
+    eprintln!("cql: warming up the node (LOGGED 10 trades, 8 workers) for {secs:.0} s...");
+    let _ = measure(&b, Unit::Logged(10), 8, secs).await;
+
+    let wal = tempfile::tempdir().expect("tempdir");
+    eprintln!("cql: settling {} deposits (untimed)...", 3 * USERS);
+    let dep = pipeline_run(
+        &ledger,
+        wal.path(),
+        Source::Lines(deposit_lines()),
+        settings(1000, 8),
+    )
+    .await;
+    eprintln!(
+        "cql: deposits settled: {} in {:.1} s",
+        dep.settled, dep.secs
+    );
+
+    let warm = Duration::from_secs_f64((secs / 2.0).max(1.0));
+    let window = Duration::from_secs_f64(secs);
+    let configs = [
+        (500usize, 8usize),
+        (500, 16),
+        (1000, 8),
+        (1000, 16),
+        (100, 8),
+    ];
+    let mut ours: Vec<PipeRow> = Vec::new();
+    for (bm, inf) in configs {
+        eprintln!(
+            "cql: pipeline batch_max {bm} inflight {inf} for {:.0} + {secs:.0} s...",
+            warm.as_secs_f64()
+        );
+        let r = pipeline_run(
+            &ledger,
+            wal.path(),
+            Source::Generated { warm, window },
+            settings(bm, inf),
+        )
+        .await;
+        ours.push(PipeRow {
+            label: format!("ours: WAL + UNLOGGED, batch_max {bm}, inflight {inf}"),
+            run: r,
+        });
+    }
+
+    let levels = [1usize, 8, 32];
+    let mut alts: Vec<(Unit, usize, Measured)> = Vec::new();
+    for unit in [Unit::Logged(1), Unit::Logged(10), Unit::Logged(50)] {
+        for &w in &levels {
+            eprintln!("cql: {} x {w} for {secs:.0} s...", unit.label());
+            let m = measure(&b, unit, w, secs).await;
+            alts.push((unit, w, m));
+        }
+    }
+    let mut raw: Vec<(usize, Measured)> = Vec::new();
+    for w in [32usize, 64, 128] {
+        eprintln!("cql: raw single-row inserts x {w} for {secs:.0} s...");
+        raw.push((w, measure(&b, Unit::Row, w, secs).await));
+    }
+
+    let (bm, inf) = configs[0];
+    eprintln!("cql: pipeline batch_max {bm} inflight {inf} again (drift check)...");
+    let r = pipeline_run(
+        &ledger,
+        wal.path(),
+        Source::Generated { warm, window },
+        settings(bm, inf),
+    )
+    .await;
+    ours.push(PipeRow {
+        label: format!("ours again at the end (batch_max {bm}, inflight {inf})"),
+        run: r,
+    });
+
+    println!(
+        "Node {node}, consistency ONE, RF 1, fresh keyspaces; {secs:.0} s per alternative row. \
+         Our pipeline: `Settlement::run` over `CqlLedger` (UNLOGGED batches of {} statements, {} \
+         in flight per apply); each run reopens the WAL (so its balance cache starts cold and the \
+         first batches read balances from the node; each run starts with {USERS} trades that touch \
+         every balance row, so that cold phase is short), warms up for at least {warm_s:.0} s and \
+         until the cache has loaded every balance row (column \"warm-up s\"), then a \
+         measured window of {secs:.0} s, then shutdown and drain. \"window\" columns count what \
+         the store acknowledged inside the window and the latencies of batches whose marker fell \
+         in it; \"whole run\" is Summary.settled / wall time including the cold start and the \
+         drain. {USERS} users; {} deposits settled first, untimed. Rows for ours are counted as \
+         the pipeline writes them: one event row per trade plus the coalesced balance rows of \
+         each micro-batch; the alternatives write 5 rows per trade. \"warnings\": WARN events \
+         settlement_wal logged during the run (CQL write retries, batch size warnings; details \
+         on stderr; the driver's per-batch \"Unlogged batch covering N partitions\" warnings are \
+         filtered out).\n",
+        cfg.max_statements_per_batch,
+        cfg.max_inflight_batches,
+        3 * USERS,
+        warm_s = warm.as_secs_f64(),
+    );
+    println!(
+        "| scenario | window trades/s | window rows/s | whole run trades/s | warm-up s | \
+         balance rows/trade | latency unit | p50 ms | p99 ms | store apply p50 / p99 ms | \
+         micro-batches | WAL syncs | warnings |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+    for p in &ours {
+        let r = &p.run;
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | micro-batch, settle start to marker | {} | {} | {} / {} | {} | {} | {} |",
+            p.label,
+            r.steady_tps(),
+            r.steady_rps(),
+            r.tps(),
+            r.steady.as_ref().map_or(0.0, |s| s.warm_secs),
+            (r.rows - r.event_rows) as f64 / r.settled.max(1) as f64,
+            ms(pct(&r.batch_lat, 0.5)),
+            ms(pct(&r.batch_lat, 0.99)),
+            ms(pct(&r.apply_lat, 0.5)),
+            ms(pct(&r.apply_lat, 0.99)),
+            r.batches,
+            r.syncs,
+            r.warnings
+        );
+    }
+
+    println!(
+        "\n| alternative | workers | trades/s | rows/s | latency unit | p50 ms | p99 ms | errors |"
+    );
+    println!("|---|---:|---:|---:|---|---:|---:|---:|");
+    for (unit, w, m) in &alts {
+        let tps = m.trades as f64 / m.secs;
+        println!(
+            "| {} | {w} | {tps:.0} | {:.0} | {} | {} | {} | {} |",
+            unit.label(),
+            tps * 5.0,
+            unit.latency_unit(),
+            ms(pct(&m.lat, 0.5)),
+            ms(pct(&m.lat, 0.99)),
+            m.errors
+        );
+    }
+    let mut raw_best = 0.0f64;
+    for (w, m) in &raw {
+        let rps = m.units as f64 / m.secs;
+        raw_best = raw_best.max(rps);
+        println!(
+            "| {} | {w} | {:.0} | {rps:.0} | {} | {} | {} | {} |",
+            Unit::Row.label(),
+            rps / 5.0,
+            Unit::Row.latency_unit(),
+            ms(pct(&m.lat, 0.5)),
+            ms(pct(&m.lat, 0.99)),
+            m.errors
+        );
+    }
+
+    // Targets.
+    let best_ours = ours[..configs.len()]
+        .iter()
+        .max_by(|a, b| a.run.steady_tps().total_cmp(&b.run.steady_tps()))
+        .expect("runs");
+    let best_mb = alts
+        .iter()
+        .filter(|(u, _, _)| matches!(u, Unit::Logged(n) if *n > 1))
+        .max_by(|a, b| (a.2.trades as f64 / a.2.secs).total_cmp(&(b.2.trades as f64 / b.2.secs)))
+        .expect("micro-batched runs");
+    let mb_tps = best_mb.2.trades as f64 / best_mb.2.secs;
+    let ratio = best_ours.run.steady_tps() / mb_tps;
+    let ours_p99 = pct(&best_ours.run.batch_lat, 0.99);
+    let mb_p99 = pct(&best_mb.2.lat, 0.99);
+    let rows_ratio = best_ours.run.steady_rps() / raw_best;
+    println!("\n| target | measured | verdict |");
+    println!("|---|---|---|");
+    println!(
+        "| ours >= 3x best micro-batched LOGGED trades/s | {:.0} / {mb_tps:.0} ({}, {} workers) = {ratio:.2}x | {} |",
+        best_ours.run.steady_tps(),
+        best_mb.0.label(),
+        best_mb.1,
+        verdict(ratio >= 3.0)
+    );
+    println!(
+        "| ... at equal or better p99 | ours {} ms per micro-batch vs {} ms per LOGGED batch | {} |",
+        ms(ours_p99),
+        ms(mb_p99),
+        verdict(ours_p99 <= mb_p99)
+    );
+    println!(
+        "| ours rows/s >= 80% of raw single-row rows/s | {:.0} / {raw_best:.0} = {:.0}% | {} |",
+        best_ours.run.steady_rps(),
+        rows_ratio * 100.0,
+        verdict(rows_ratio >= 0.8)
+    );
+    if let Some(best) = instant_best {
+        println!(
+            "| instant-ack store >= 1,000,000 trades/s | {best:.0} | {} |",
+            verdict(best >= 1_000_000.0)
+        );
+    }
+    println!("\nBest of ours: {}.\n", best_ours.label);
+
+    for ks in [&ks_pipe, &ks_alt] {
+        let _ = b
+            .ledger
+            .session()
+            .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
+            .await;
+    }
+}
+
+fn verdict(pass: bool) -> &'static str {
+    if pass {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+/// WARN events logged by this crate so far (CQL retries, batch size warnings, gaps).
+static WARNINGS: AtomicU64 = AtomicU64::new(0);
+
+struct WarnCounter;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnCounter {
+    fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        WARNINGS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// This crate's warnings go to stderr and are counted per run. The scylla driver's own WARN for
+/// every server warning (Cassandra answers each UNLOGGED batch covering more than 10 partitions
+/// with an "Unlogged batch covering N partitions" advisory) is filtered out: at one log line per
+/// store batch it costs client CPU and floods stderr.
+fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,scylla=error"));
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
+        .with(
+            WarnCounter.with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("settlement_wal", tracing::Level::WARN),
+            ),
+        )
+        .try_init();
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let env_f64 = |name: &str, default: f64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .unwrap_or(default)
+    };
+    let scale = env_f64("PIPELINE_BENCH_SCALE", 1.0);
+    let secs = (env_f64("PIPELINE_BENCH_SECS", 6.0) * scale).max(1.0);
+    let only = std::env::var("PIPELINE_BENCH_ONLY").unwrap_or_default();
+    let node = std::env::var("PIPELINE_BENCH_NODE").unwrap_or_else(|_| "127.0.0.1:9042".into());
+    install_recorder();
+    init_tracing();
+    // As `settlement run`: a multi-thread runtime with one worker per core, the pipeline driven
+    // from `block_on` on the main thread.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = Instant::now();
+    println!(
+        "# settle_pipeline: scale {scale}, {} CPUs, load average at start {}\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
+    );
+    rt.block_on(async {
+        let instant_best = if only.is_empty() || only == "instant" {
+            instant_section(scale).await
+        } else {
+            None
+        };
+        if only.is_empty() || only == "cql" {
+            cql_section(&node, secs, instant_best).await;
+        }
+    });
+    println!(
+        "Total {:.0} s; load average at end {}.",
+        started.elapsed().as_secs_f64(),
+        loadavg()
+    );
+}
