@@ -21,7 +21,7 @@ pub enum WalError {
     },
     /// The disk (or quota) is full.
     #[error(
-        "disk full while {op} {path}: free space, then reopen the WAL (nothing acknowledged was lost)"
+        "disk full while {op} {path}: free space on that file system (or move the WAL directory to a larger one), then open the WAL again (restart the process); nothing acknowledged as durable was lost"
     )]
     DiskFull {
         /// What the WAL was doing.

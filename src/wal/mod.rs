@@ -491,16 +491,48 @@ impl Wal {
             check_payload(p.as_ref())?;
         }
         let mut st = self.state.lock();
-        let first = self.append_locked(&mut st, RecordType::Entry, payloads[0].as_ref())?;
-        let mut last = first;
-        for p in &payloads[1..] {
-            last = self.append_locked(&mut st, RecordType::Entry, p.as_ref())?;
+        if let Some(cause) = &st.failed {
+            return Err(WalError::Failed {
+                cause: cause.clone(),
+            });
         }
+        let mark = BatchMark {
+            segments: st.segments.len(),
+            write_offset: st.write_offset,
+            sync_from: st.sync_from,
+            prefaulted_to: st.prefaulted_to,
+            next_lsn: st.next_lsn,
+        };
+        // End of what this batch wrote into the segment that was active when it started.
+        let mut first_segment_end = st.write_offset;
+        let mut written = Vec::with_capacity(payloads.len());
+        for p in payloads {
+            match self.write_record_locked(&mut st, RecordType::Entry, p.as_ref()) {
+                Ok(w) => {
+                    if st.segments.len() == mark.segments {
+                        first_segment_end = st.write_offset;
+                    }
+                    written.push(w);
+                }
+                Err(e) => {
+                    // All or nothing: a batch that fails half-way (a full disk when a new
+                    // segment is needed) leaves no record behind, not even after a reopen.
+                    self.roll_back_batch(&mut st, &mark, first_segment_end);
+                    return Err(e);
+                }
+            }
+        }
+        for w in &written {
+            self.record_written(&mut st, w);
+        }
+        let first = written[0].lsn;
+        let last = written[written.len() - 1].lsn;
         assert_eq!(
             last - first + 1,
             payloads.len() as u64,
             "batch LSNs are consecutive"
         );
+        self.last_appended_lsn.store(last, Ordering::Release);
         Ok((first, last))
     }
 
@@ -668,12 +700,87 @@ impl Wal {
         })
     }
 
+    /// Appends one record: writes it, then records it (tracker, counters, last LSN).
     fn append_locked(
         &self,
         st: &mut State,
         record_type: RecordType,
         payload: &[u8],
     ) -> Result<Lsn> {
+        let w = self.write_record_locked(st, record_type, payload)?;
+        self.record_written(st, &w);
+        self.last_appended_lsn.store(w.lsn, Ordering::Release);
+        Ok(w.lsn)
+    }
+
+    /// The bookkeeping of a written record: entries are tracked as pending, counters move.
+    fn record_written(&self, st: &mut State, w: &Written) {
+        if w.record_type == RecordType::Entry {
+            st.tracker.push(w.lsn, w.segment_first_lsn, w.offset as u32);
+        }
+        self.stat_records.fetch_add(1, Ordering::Relaxed);
+        self.stat_bytes
+            .fetch_add(w.size_bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Undoes the records a failed [`Wal::append_batch`] wrote, so none of them is ever seen:
+    /// segments it created are deleted, the bytes it wrote into the segment that was active at
+    /// its start are zeroed and synced, and the position goes back to `mark`. If the undo itself fails, the WAL enters the failed state (reopening
+    /// re-verifies from disk).
+    fn roll_back_batch(&self, st: &mut State, mark: &BatchMark, first_segment_end: usize) {
+        let fs = &self.options.fs;
+        let mut problem: Option<WalError> = None;
+        let created: Vec<Arc<Segment>> = st.segments.drain(mark.segments..).collect();
+        for seg in &created {
+            if let Err(e) = std::fs::remove_file(&seg.path) {
+                problem.get_or_insert(WalError::io(
+                    "removing the segment of a failed batch",
+                    &seg.path,
+                    e,
+                ));
+            }
+        }
+        if !created.is_empty() {
+            if let Err(e) = fs.sync_dir(&self.dir) {
+                problem.get_or_insert(WalError::io("syncing WAL directory", &self.dir, e));
+            }
+        }
+        let seg = st.segments.last().expect("an active segment").clone();
+        let len = first_segment_end - mark.write_offset;
+        if len > 0 {
+            // SAFETY: we hold the state lock; these bytes lie past every record readers see.
+            unsafe { seg.zero(mark.write_offset, len) };
+            // The records may be on disk already (the failed roll synced them first, or the
+            // kernel wrote the pages back): the zeros must be durable too, or a crash would
+            // bring the batch back. After a failed sync the WAL is failed anyway.
+            if st.failed.is_none() {
+                if let Err(e) = fs.sync_range(&seg.map, &seg.path, mark.write_offset, len) {
+                    problem.get_or_insert(WalError::io(
+                        "syncing the undone records of a failed batch in",
+                        &seg.path,
+                        e,
+                    ));
+                }
+            }
+        }
+        st.write_offset = mark.write_offset;
+        st.sync_from = mark.sync_from;
+        st.prefaulted_to = mark.prefaulted_to;
+        st.next_lsn = mark.next_lsn;
+        if let Some(e) = problem {
+            tracing::error!(error = %e, "could not undo a failed batch; the WAL refuses further work until reopened");
+            st.failed.get_or_insert(e.to_string());
+        }
+    }
+
+    /// Writes one record at the write position (rolling to a new segment when it does not fit)
+    /// and advances the position. The caller records it ([`Wal::record_written`]).
+    fn write_record_locked(
+        &self,
+        st: &mut State,
+        record_type: RecordType,
+        payload: &[u8],
+    ) -> Result<Written> {
         if let Some(cause) = &st.failed {
             return Err(WalError::Failed {
                 cause: cause.clone(),
@@ -697,9 +804,6 @@ impl Wal {
             seg.write(offset + RECORD_HEADER_SIZE_BYTES, payload);
             seg.write(offset, &header);
         }
-        if record_type == RecordType::Entry {
-            st.tracker.push(lsn, seg.header.first_lsn, offset as u32);
-        }
         st.write_offset += size;
         st.next_lsn += 1;
         if st.write_offset + PREFAULT_WINDOW_BYTES / 2 > st.prefaulted_to {
@@ -714,10 +818,13 @@ impl Wal {
             }
             st.prefaulted_to = to;
         }
-        self.last_appended_lsn.store(lsn, Ordering::Release);
-        self.stat_records.fetch_add(1, Ordering::Relaxed);
-        self.stat_bytes.fetch_add(size as u64, Ordering::Relaxed);
-        Ok(lsn)
+        Ok(Written {
+            lsn,
+            record_type,
+            segment_first_lsn: seg.header.first_lsn,
+            offset,
+            size_bytes: size,
+        })
     }
 
     /// Seals the active segment (syncing what it holds, so only the newest segment can ever have
@@ -870,6 +977,25 @@ fn read_entry(seg: &Segment, lsn: Lsn, offset: u32) -> Result<PendingEntry> {
             ),
         }),
     }
+}
+
+/// What [`Wal::write_record_locked`] wrote.
+struct Written {
+    lsn: Lsn,
+    record_type: RecordType,
+    segment_first_lsn: Lsn,
+    offset: usize,
+    size_bytes: usize,
+}
+
+/// The write position before a [`Wal::append_batch`], to undo the batch if it fails.
+struct BatchMark {
+    /// Live segments before the batch (segments past this count were created by it).
+    segments: usize,
+    write_offset: usize,
+    sync_from: usize,
+    prefaulted_to: usize,
+    next_lsn: Lsn,
 }
 
 fn find_segment(segments: &[Arc<Segment>], first_lsn: Lsn) -> Option<&Arc<Segment>> {
