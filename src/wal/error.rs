@@ -19,6 +19,25 @@ pub enum WalError {
         #[source]
         source: io::Error,
     },
+    /// Reading WAL bytes failed: `EIO` from a failing disk, or the file ended early. The read
+    /// happened before anything was changed on disk (a failed [`super::Wal::open`] changes
+    /// nothing; a failed [`super::Wal::pending`] leaves the WAL usable).
+    #[error(
+        "WAL read error while {op} {path} at byte offset {offset} ({len_bytes} bytes): {source}; nothing was changed on disk: check the disk (dmesg, SMART), copy the WAL directory to a healthy disk if it still reads, then open it again"
+    )]
+    ReadFailed {
+        /// What the WAL was reading ("scanning segment", "reading pending entry", ...).
+        op: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// Byte offset in that file where the failed read started.
+        offset: u64,
+        /// How many bytes the failed read asked for.
+        len_bytes: usize,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// The disk (or quota) is full.
     #[error(
         "disk full while {op} {path}: free space on that file system (or move the WAL directory to a larger one), then open the WAL again (restart the process); nothing acknowledged as durable was lost"
@@ -125,6 +144,25 @@ impl WalError {
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => WalError::DiskFull { op, path },
             _ => WalError::Io { op, path, source },
+        }
+    }
+}
+
+impl WalError {
+    /// A failed read of `len_bytes` at `offset` of `path`.
+    pub(crate) fn read(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        offset: u64,
+        len_bytes: usize,
+        source: io::Error,
+    ) -> WalError {
+        WalError::ReadFailed {
+            op,
+            path: path.into(),
+            offset,
+            len_bytes,
+            source,
         }
     }
 }

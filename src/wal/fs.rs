@@ -1,5 +1,6 @@
-//! The small file-system trait every durability-relevant WAL operation goes through, so tests can
-//! inject faults (a failed msync, ENOSPC at preallocation, EIO) without touching the real disk.
+//! The small file-system trait every durability-relevant WAL operation (and every read of segment
+//! bytes) goes through, so tests can inject faults (a failed msync, ENOSPC at preallocation, a
+//! short write, EIO on a read or a directory sync) without touching the real disk.
 
 use std::fs::File;
 use std::io;
@@ -8,16 +9,32 @@ use std::path::Path;
 
 use memmap2::MmapRaw;
 
-/// File operations that decide durability. The default implementation is [`OsFs`].
+/// How many `EINTR` results in a row [`write_all_at`] and [`read_exact_at`] retry before they
+/// give up with the error (a real signal storm ends long before this).
+pub const MAX_INTERRUPTED_RETRIES: u32 = 1000;
+
+/// File operations that decide durability or read WAL bytes. The default implementation is
+/// [`OsFs`].
 ///
 /// Implementations must be honest: returning `Ok` from a sync means the bytes are on stable
-/// storage. A wrapper that injects faults returns an error *instead of* doing the operation.
+/// storage. A wrapper that injects faults returns an error *instead of* doing the operation (or,
+/// for [`WalFs::write_at`] / [`WalFs::read_at`], may do less than asked and say so, like
+/// `pwrite(2)` / `pread(2)`).
 pub trait WalFs: Send + Sync + std::fmt::Debug + 'static {
     /// Preallocates `size_bytes` for `file` for real (no sparse file), so a full disk is an error
     /// here and never a SIGBUS on a later write through the mapping.
     fn allocate(&self, file: &File, path: &Path, size_bytes: u64) -> io::Result<()>;
-    /// Writes `bytes` at `offset` of `file` (used for segment headers only).
-    fn write_at(&self, file: &File, path: &Path, bytes: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes at most `bytes.len()` bytes at `offset` of `file` in one call, like `pwrite(2)`, and
+    /// returns how many it wrote. Fewer than asked (a *short write*) is allowed: callers go
+    /// through [`write_all_at`], which continues after a short write and turns a write that makes
+    /// no progress into an error. Used for segment headers only.
+    fn write_at(&self, file: &File, path: &Path, bytes: &[u8], offset: u64) -> io::Result<usize>;
+    /// Reads at most `buf.len()` bytes at `offset` of `file` in one call, like `pread(2)`, and
+    /// returns how many it read (0 at the end of the file). Callers go through
+    /// [`read_exact_at`]. Every read of segment bytes (the recovery scan, segment headers,
+    /// pending entries) comes here, so a failing disk is an `EIO` error and not a SIGBUS in a
+    /// memory mapping.
+    fn read_at(&self, file: &File, path: &Path, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     /// Makes the file's data (and the metadata needed to read it) durable.
     fn sync_file(&self, file: &File, path: &Path) -> io::Result<()>;
     /// Makes `len` bytes at `offset` of a shared file mapping durable (msync).
@@ -43,9 +60,12 @@ impl WalFs for OsFs {
         }
     }
 
-    fn write_at(&self, file: &File, _path: &Path, bytes: &[u8], offset: u64) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        file.write_all_at(bytes, offset)
+    fn write_at(&self, file: &File, _path: &Path, bytes: &[u8], offset: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::write_at(file, bytes, offset)
+    }
+
+    fn read_at(&self, file: &File, _path: &Path, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(file, buf, offset)
     }
 
     fn sync_file(&self, file: &File, _path: &Path) -> io::Result<()> {
@@ -59,4 +79,110 @@ impl WalFs for OsFs {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
     }
+}
+
+/// Writes all of `bytes` at `offset` through `fs`, continuing after short writes (and up to
+/// [`MAX_INTERRUPTED_RETRIES`] `EINTR`s in a row).
+///
+/// A call that writes nothing (`Ok(0)`) is a [`io::ErrorKind::WriteZero`] error saying how many
+/// bytes were missing where, never a silent success; a call claiming more bytes than asked is an
+/// [`io::ErrorKind::InvalidData`] error. Each successful call makes progress, so the loop is bounded
+/// by `bytes.len()` calls plus the `EINTR` retries.
+pub fn write_all_at(
+    fs: &dyn WalFs,
+    file: &File,
+    path: &Path,
+    bytes: &[u8],
+    offset: u64,
+) -> io::Result<()> {
+    let mut done = 0usize;
+    let mut interrupted = 0u32;
+    while done < bytes.len() {
+        let at = offset + done as u64;
+        match fs.write_at(file, path, &bytes[done..], at) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!(
+                        "short write: the file system accepted 0 of the {} remaining bytes at offset {at} ({done} of {} written)",
+                        bytes.len() - done,
+                        bytes.len()
+                    ),
+                ))
+            }
+            Ok(n) if n > bytes.len() - done => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "write reported {n} bytes written at offset {at} but only {} were asked",
+                        bytes.len() - done
+                    ),
+                ))
+            }
+            Ok(n) => {
+                done += n;
+                interrupted = 0;
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    && interrupted < MAX_INTERRUPTED_RETRIES =>
+            {
+                interrupted += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Fills `buf` from `offset` through `fs`, continuing after short reads (and up to
+/// [`MAX_INTERRUPTED_RETRIES`] `EINTR`s in a row).
+///
+/// The end of the file before `buf` is full is an [`io::ErrorKind::UnexpectedEof`] error (the
+/// file shrank after its length was taken); a call claiming more bytes than asked is an
+/// [`io::ErrorKind::InvalidData`] error.
+pub fn read_exact_at(
+    fs: &dyn WalFs,
+    file: &File,
+    path: &Path,
+    buf: &mut [u8],
+    offset: u64,
+) -> io::Result<()> {
+    let len = buf.len();
+    let mut done = 0usize;
+    let mut interrupted = 0u32;
+    while done < len {
+        let at = offset + done as u64;
+        match fs.read_at(file, path, &mut buf[done..], at) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the file ends at byte {at}, before the {len} bytes asked at offset {offset} (was it truncated while being read?)"
+                    ),
+                ))
+            }
+            Ok(n) if n > len - done => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "read reported {n} bytes at offset {at} but only {} were asked",
+                        len - done
+                    ),
+                ))
+            }
+            Ok(n) => {
+                done += n;
+                interrupted = 0;
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    && interrupted < MAX_INTERRUPTED_RETRIES =>
+            {
+                interrupted += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

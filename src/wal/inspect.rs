@@ -76,8 +76,9 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
 }
 
 /// Inspects the WAL in `dir` read-only, handing every valid record to `visit` with its file, in
-/// order. Fails only when `dir` cannot be read or is not a WAL directory at all; damage inside
-/// segments is described in the result instead.
+/// order. Fails only when `dir` cannot be read, is not a WAL directory at all, or a segment's
+/// bytes cannot be read ([`WalError::ReadFailed`]: `EIO` from the disk, naming file and offset);
+/// damage inside segments is described in the result instead.
 pub fn inspect_with(
     dir: &Path,
     visit: &mut dyn FnMut(&Path, &RecordView<'_>),
@@ -109,6 +110,8 @@ pub fn inspect_with(
         };
         let seg = match Segment::open(&OsFs, path, *first_lsn, false) {
             Ok(seg) => seg,
+            // The disk failed, the bytes may well be fine: not a damage report.
+            Err(e @ WalError::ReadFailed { .. }) => return Err(e),
             Err(e) => {
                 info.tail = TailState::Corrupt {
                     offset: 0,
@@ -139,7 +142,7 @@ pub fn inspect_with(
         }
         let feed = problem.is_none();
         let mut counts = RecordCounts::default();
-        let result = scan::scan_segment(&seg, is_newest, &mut |r| {
+        let result = scan::scan_segment(&OsFs, &seg, is_newest, &mut |r| {
             match r.record_type {
                 RecordType::Entry => counts.entries += 1,
                 RecordType::Commit => counts.commits += 1,
@@ -151,7 +154,7 @@ pub fn inspect_with(
             } else {
                 Ok(())
             }
-        });
+        })?;
         info.counts = counts;
         info.used_bytes = result.end_offset as u64;
         info.last_lsn = (result.records > 0).then(|| result.next_lsn - 1);

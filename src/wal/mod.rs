@@ -54,7 +54,7 @@ pub use error::{Result, WalError};
 pub use format::{Lsn, RecordType, MAX_PAYLOAD_SIZE_BYTES};
 pub use fs::{OsFs, WalFs};
 pub use inspect::{inspect, inspect_with, Inspection, RecordCounts, SegmentInfo};
-pub use scan::{TailState, ARCHIVE_DIR_NAME, LOCK_FILE_NAME};
+pub use scan::{TailState, ARCHIVE_DIR_NAME, LOCK_FILE_NAME, SCAN_CHUNK_BYTES};
 
 use format::{
     encode_payload, encode_record_header, record_size, CheckpointPayload, CommitPayload,
@@ -71,6 +71,10 @@ pub const MAX_BATCH_RECORDS: usize = 64 * 1024;
 /// appends do not take a page fault per new page (msync leaves the pages it cleaned
 /// write-protected; pages ahead of the synced range stay writable).
 const PREFAULT_WINDOW_BYTES: usize = 1024 * 1024;
+
+/// Bytes read at once for one pending entry ([`Wal::pending`], [`Wal::last_entry`]): most
+/// entries fit; a larger one takes a second read of its exact size.
+const ENTRY_READ_BYTES: usize = 1024;
 
 /// Default upper bound on how long a group-commit leader waits for the writers of the previous
 /// group to append again before it syncs.
@@ -301,15 +305,6 @@ impl Wal {
         }
         let fs = options.fs.clone();
         let mut report = OpenReport::default();
-        for tmp in &listing.temp_files {
-            tracing::warn!(path = %tmp.display(), "removing the temporary file of an interrupted segment creation");
-            std::fs::remove_file(tmp).map_err(|e| WalError::io("removing", tmp, e))?;
-            report.removed_temp_files.push(tmp.clone());
-        }
-        if !listing.temp_files.is_empty() {
-            fs.sync_dir(dir)
-                .map_err(|e| WalError::io("syncing WAL directory", dir, e))?;
-        }
 
         let mut segments = Vec::with_capacity(listing.segments.len());
         for (first_lsn, path) in &listing.segments {
@@ -340,7 +335,8 @@ impl Wal {
                 record_bytes += r.size_bytes as u64;
                 tracker.apply(first_lsn, r)
             };
-            let result = scan::scan_segment(seg, is_newest, &mut visit);
+            // A read error (EIO) ends the open here, before anything on disk was changed.
+            let result = scan::scan_segment(&*fs, seg, is_newest, &mut visit)?;
             report.records += result.records;
             next_lsn = result.next_lsn;
             write_offset = result.end_offset;
@@ -364,15 +360,24 @@ impl Wal {
                 }
             }
         }
-        // The scan passed: only now map the newest segment for writing (re-extending a file that
-        // was cut short) and cut a torn tail.
+        // The scan passed: only now remove leftovers of interrupted segment creations, map the
+        // newest segment for writing (re-extending a file that was cut short) and cut a torn tail.
+        for tmp in &listing.temp_files {
+            tracing::warn!(path = %tmp.display(), "removing the temporary file of an interrupted segment creation");
+            std::fs::remove_file(tmp).map_err(|e| WalError::io("removing", tmp, e))?;
+            report.removed_temp_files.push(tmp.clone());
+        }
+        if !listing.temp_files.is_empty() {
+            fs.sync_dir(dir)
+                .map_err(|e| WalError::io("syncing WAL directory", dir, e))?;
+        }
         if let Some(newest) = segments.pop() {
             let seg = Segment::open(&*fs, &newest.path, newest.header.first_lsn, true)?;
             if let Some((result, offset, reason)) = torn {
                 let len = result.dirty_end - result.end_offset;
                 // SAFETY: we hold the writer lock and no reader exists yet.
                 unsafe { seg.zero(result.end_offset, len) };
-                fs.sync_range(&seg.map, &seg.path, result.end_offset, len)
+                fs.sync_range(seg.map(), &seg.path, result.end_offset, len)
                     .map_err(|e| WalError::io("syncing the cut torn tail of", &seg.path, e))?;
                 tracing::warn!(path = %seg.path.display(), offset, zeroed_bytes = len, %reason,
                     "cut a torn tail (an unacknowledged partial write)");
@@ -590,14 +595,17 @@ impl Wal {
         Ok(marker)
     }
 
-    /// Entries without a commit marker, in LSN order.
+    /// Entries without a commit marker, in LSN order. Read from the files through the
+    /// [`WalFs`]: a read error is a [`WalError::ReadFailed`] naming file and offset, and leaves
+    /// the WAL usable (call again once the disk is back).
     pub fn pending(&self) -> Result<Vec<PendingEntry>> {
         let st = self.state.lock();
         let mut out = Vec::with_capacity(st.tracker.pending_count());
+        let mut buf = Vec::new();
         for (lsn, segment_first_lsn, offset) in st.tracker.pending() {
             let seg = find_segment(&st.segments, segment_first_lsn)
                 .expect("a pending entry's segment is live");
-            out.push(read_entry(seg, lsn, offset)?);
+            out.push(read_entry(&*self.options.fs, seg, lsn, offset, &mut buf)?);
         }
         Ok(out)
     }
@@ -612,7 +620,7 @@ impl Wal {
         let Some(seg) = find_segment(&st.segments, segment_first_lsn) else {
             return Ok(None);
         };
-        read_entry(seg, lsn, offset).map(Some)
+        read_entry(&*self.options.fs, seg, lsn, offset, &mut Vec::new()).map(Some)
     }
 
     /// Number of entries without a commit marker.
@@ -754,7 +762,7 @@ impl Wal {
             // kernel wrote the pages back): the zeros must be durable too, or a crash would
             // bring the batch back. After a failed sync the WAL is failed anyway.
             if st.failed.is_none() {
-                if let Err(e) = fs.sync_range(&seg.map, &seg.path, mark.write_offset, len) {
+                if let Err(e) = fs.sync_range(seg.map(), &seg.path, mark.write_offset, len) {
                     problem.get_or_insert(WalError::io(
                         "syncing the undone records of a failed batch in",
                         &seg.path,
@@ -787,7 +795,7 @@ impl Wal {
             });
         }
         let size = record_size(payload.len());
-        let seg_len = st.segments.last().expect("an active segment").map.len();
+        let seg_len = st.segments.last().expect("an active segment").len_bytes;
         if st.write_offset + size > seg_len {
             self.roll(st)?;
         }
@@ -796,7 +804,9 @@ impl Wal {
         let header = encode_record_header(&seg.hasher, record_type, lsn, payload);
         let offset = st.write_offset;
         debug_assert!(
-            seg.bytes()[offset..offset + size].iter().all(|&b| b == 0),
+            seg.mapped_bytes()[offset..offset + size]
+                .iter()
+                .all(|&b| b == 0),
             "writing over non-zero bytes"
         );
         // SAFETY: we hold the state lock; `offset..offset+size` lies past every record readers see.
@@ -808,12 +818,12 @@ impl Wal {
         st.next_lsn += 1;
         if st.write_offset + PREFAULT_WINDOW_BYTES / 2 > st.prefaulted_to {
             let from = st.prefaulted_to.max(st.write_offset);
-            let to = (from + PREFAULT_WINDOW_BYTES).min(seg.map.len());
+            let to = (from + PREFAULT_WINDOW_BYTES).min(seg.len_bytes);
             if to > from {
                 // An optimization only: on a kernel without MADV_POPULATE_WRITE (before 5.14)
                 // appends simply take the page faults.
                 let _ = seg
-                    .map
+                    .map()
                     .advise_range(memmap2::Advice::PopulateWrite, from, to - from);
             }
             st.prefaulted_to = to;
@@ -833,7 +843,7 @@ impl Wal {
         let active = st.segments.last().expect("an active segment").clone();
         if st.write_offset > st.sync_from {
             if let Err(e) = self.options.fs.sync_range(
-                &active.map,
+                active.map(),
                 &active.path,
                 st.sync_from,
                 st.write_offset - st.sync_from,
@@ -936,7 +946,7 @@ impl Wal {
             if let Err(e) = self
                 .options
                 .fs
-                .sync_range(&seg.map, &seg.path, from, to - from)
+                .sync_range(seg.map(), &seg.path, from, to - from)
             {
                 let err = WalError::io("syncing", &seg.path, e);
                 // Never retried as if durable: the WAL refuses all further work until reopened.
@@ -962,20 +972,45 @@ fn check_payload(payload: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn read_entry(seg: &Segment, lsn: Lsn, offset: u32) -> Result<PendingEntry> {
-    match format::decode_record(seg.bytes(), offset as usize, &seg.hasher) {
-        format::Decoded::Record(r) if r.lsn == lsn => Ok(PendingEntry {
-            lsn,
-            payload: r.payload.to_vec(),
-        }),
-        other => Err(WalError::Corrupt {
-            path: seg.path.clone(),
-            offset: offset as u64,
-            expected_lsn: lsn,
-            reason: format!(
-                "entry no longer decodes ({other:?}): the file changed under the writer"
-            ),
-        }),
+/// Reads the entry `lsn` at `offset` of `seg` through `fs`: one read of
+/// [`ENTRY_READ_BYTES`], and a second one for an entry larger than that. `buf` is reused.
+fn read_entry(
+    fs: &dyn WalFs,
+    seg: &Segment,
+    lsn: Lsn,
+    offset: u32,
+    buf: &mut Vec<u8>,
+) -> Result<PendingEntry> {
+    let offset = offset as usize;
+    let available = seg.len_bytes.saturating_sub(offset);
+    let mut want = ENTRY_READ_BYTES.min(available);
+    loop {
+        buf.resize(want, 0);
+        seg.read_exact(fs, "reading pending entry from", offset, buf)?;
+        match format::decode_record(buf, 0, &seg.hasher) {
+            format::Decoded::Record(r) if r.lsn == lsn => {
+                return Ok(PendingEntry {
+                    lsn,
+                    payload: r.payload.to_vec(),
+                })
+            }
+            // Larger than the first read: read all of it (at most once more, want grows).
+            format::Decoded::Invalid(format::RecordError::Truncated { needed_bytes, .. })
+                if needed_bytes > want && needed_bytes <= available =>
+            {
+                want = format::align_up(needed_bytes).min(available);
+            }
+            other => {
+                return Err(WalError::Corrupt {
+                    path: seg.path.clone(),
+                    offset: offset as u64,
+                    expected_lsn: lsn,
+                    reason: format!(
+                        "entry no longer decodes ({other:?}): the file changed under the writer"
+                    ),
+                })
+            }
+        }
     }
 }
 

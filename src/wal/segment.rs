@@ -1,7 +1,11 @@
-//! One segment file: preallocated, mapped, with its verified header.
+//! One segment file: preallocated, with its verified header. A segment opened for writing is
+//! mapped (appends are copies into the shared mapping, made durable with msync); every *read* of
+//! segment bytes goes through [`WalFs::read_at`] instead, so a failing disk is a
+//! [`WalError::ReadFailed`] naming the file and offset, never a SIGBUS in a mapping.
 
 use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use memmap2::{Advice, MmapOptions, MmapRaw};
@@ -10,17 +14,21 @@ use super::error::{Result, WalError};
 use super::format::{
     segment_file_name, HeaderError, Lsn, SegmentHeader, FORMAT_VERSION, SEGMENT_HEADER_SIZE_BYTES,
 };
-use super::fs::WalFs;
+use super::fs::{read_exact_at, write_all_at, WalFs};
 
-/// A mapped segment file.
+/// A segment file: its header, and for a segment opened for writing, its shared mapping.
 #[derive(Debug)]
 pub(crate) struct Segment {
     pub(crate) path: PathBuf,
     pub(crate) header: SegmentHeader,
-    pub(crate) map: MmapRaw,
     pub(crate) hasher: crc32fast::Hasher,
-    // Keeps the descriptor alive for as long as the mapping (and for fdatasync/fallocate).
-    pub(crate) _file: File,
+    /// Bytes readable in the file: its length when opened read-only (shorter than the segment
+    /// size for a file cut short by someone), the segment size when writable.
+    pub(crate) len_bytes: usize,
+    /// The writable shared mapping; `None` for a segment opened read-only.
+    map: Option<MmapRaw>,
+    /// The open file: reads go through it, and it outlives the mapping.
+    file: File,
 }
 
 /// A fresh random salt for a new segment (std's per-process random keys, mixed with time and pid).
@@ -62,7 +70,9 @@ impl Segment {
         let result = (|| {
             fs.allocate(&file, &tmp, segment_size_bytes)
                 .map_err(|e| WalError::io("preallocating segment", &tmp, e))?;
-            fs.write_at(&file, &tmp, &header.encode(), 0)
+            // A short write continues where it stopped; a write that makes no progress is an
+            // error. The header is never treated as written until every byte is.
+            write_all_at(fs, &file, &tmp, &header.encode(), 0)
                 .map_err(|e| WalError::io("writing segment header", &tmp, e))?;
             fs.sync_file(&file, &tmp)
                 .map_err(|e| WalError::io("syncing new segment", &tmp, e))?;
@@ -81,13 +91,16 @@ impl Segment {
             path,
             hasher: header.record_hasher(),
             header,
-            map,
-            _file: file,
+            len_bytes: map.len(),
+            map: Some(map),
+            file,
         })
     }
 
-    /// Opens an existing segment and verifies its header. With `writable`, a file shorter than its
-    /// header says (truncated by someone) is extended back with preallocated zeros first.
+    /// Opens an existing segment and verifies its header (read through `fs`). With `writable`, a
+    /// file shorter than its header says (truncated by someone) is extended back with
+    /// preallocated zeros first, and the file is mapped for appending. Without it, nothing on
+    /// disk changes and nothing is mapped.
     pub(crate) fn open(
         fs: &dyn WalFs,
         path: &Path,
@@ -104,8 +117,9 @@ impl Segment {
             .map_err(|e| WalError::io("reading metadata of", path, e))?
             .len();
         let mut head = [0u8; SEGMENT_HEADER_SIZE_BYTES];
-        let head_len =
-            read_prefix(&file, &mut head).map_err(|e| WalError::io("reading", path, e))?;
+        let head_len = file_len.min(SEGMENT_HEADER_SIZE_BYTES as u64) as usize;
+        read_exact_at(fs, &file, path, &mut head[..head_len], 0)
+            .map_err(|e| WalError::read("reading the header of segment", path, 0, head_len, e))?;
         let header = SegmentHeader::decode(&head[..head_len]).map_err(|e| header_error(path, e))?;
         if header.first_lsn != expected_first_lsn {
             return Err(WalError::Corrupt {
@@ -129,39 +143,64 @@ impl Segment {
                 ),
             });
         }
-        let map = if writable {
+        let (map, len_bytes) = if writable {
             if file_len < header.segment_size_bytes {
                 tracing::warn!(path = %path.display(), file_len, segment_size_bytes = header.segment_size_bytes,
                     "segment file is shorter than its header records; extending it with zeros");
                 fs.allocate(&file, path, header.segment_size_bytes)
                     .map_err(|e| WalError::io("re-extending segment", path, e))?;
             }
-            map_writable(&file, path)?
+            let map = map_writable(&file, path)?;
+            let len = map.len();
+            (Some(map), len)
         } else {
-            let map = MmapOptions::new()
-                .len(file_len as usize)
-                .map_raw_read_only(&file)
-                .map_err(|e| WalError::io("mapping segment", path, e))?;
-            let _ = map.advise(Advice::Sequential);
-            map
+            // A hint only: the recovery scan reads the file front to back.
+            // SAFETY: plain syscall on a valid open descriptor.
+            let _ =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+            (None, file_len as usize)
         };
         Ok(Segment {
             path: path.to_path_buf(),
             hasher: header.record_hasher(),
             header,
+            len_bytes,
             map,
-            _file: file,
+            file,
         })
     }
 
-    /// The mapped bytes. For a read-only segment opened on a short file this is shorter than the
-    /// segment size.
-    pub(crate) fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping lives as long as `self`. Within this process the only writer is the
-        // WAL writer, which writes (under its state lock) only bytes past every record a reader
-        // can be handed; another process appending to the same file is the documented
-        // "consistent prefix" caveat of inspecting a live WAL.
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.map.len()) }
+    /// Fills `buf` with the bytes at `offset` through `fs` (short reads continue; `EIO` or a file
+    /// that ends early is a [`WalError::ReadFailed`] naming this file, `op` and the offset).
+    pub(crate) fn read_exact(
+        &self,
+        fs: &dyn WalFs,
+        op: &'static str,
+        offset: usize,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        read_exact_at(fs, &self.file, &self.path, buf, offset as u64)
+            .map_err(|e| WalError::read(op, &self.path, offset as u64, buf.len(), e))
+    }
+
+    /// The writable mapping.
+    ///
+    /// # Panics
+    /// On a segment opened read-only: only the active segment (always opened writable) and
+    /// segments it rolled over from are ever written or synced.
+    pub(crate) fn map(&self) -> &MmapRaw {
+        self.map
+            .as_ref()
+            .expect("only segments opened for writing are mapped")
+    }
+
+    /// The mapped bytes of a writable segment (for debug checks of the writer; every reader goes
+    /// through [`Segment::read_exact`]).
+    pub(crate) fn mapped_bytes(&self) -> &[u8] {
+        let map = self.map();
+        // SAFETY: the mapping lives as long as `self`, and the caller (the writer, under its
+        // state lock) is the only one writing to it.
+        unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) }
     }
 
     /// Copies `bytes` to `offset` in the mapping.
@@ -170,21 +209,19 @@ impl Segment {
     /// The caller must hold the writer's exclusive state lock and `offset..offset+len` must lie
     /// past every byte any reader may be reading.
     pub(crate) unsafe fn write(&self, offset: usize, bytes: &[u8]) {
+        let map = self.map();
         assert!(
-            offset + bytes.len() <= self.map.len(),
+            offset + bytes.len() <= map.len(),
             "write past the segment end"
         );
-        std::ptr::copy_nonoverlapping(
-            bytes.as_ptr(),
-            self.map.as_mut_ptr().add(offset),
-            bytes.len(),
-        );
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), map.as_mut_ptr().add(offset), bytes.len());
     }
 
     /// Zeroes `offset..offset+len`. Same safety contract as [`Segment::write`].
     pub(crate) unsafe fn zero(&self, offset: usize, len: usize) {
-        assert!(offset + len <= self.map.len(), "zero past the segment end");
-        std::ptr::write_bytes(self.map.as_mut_ptr().add(offset), 0, len);
+        let map = self.map();
+        assert!(offset + len <= map.len(), "zero past the segment end");
+        std::ptr::write_bytes(map.as_mut_ptr().add(offset), 0, len);
     }
 }
 
@@ -198,19 +235,6 @@ fn map_writable(file: &File, path: &Path) -> Result<MmapRaw> {
     map.advise(Advice::Random)
         .map_err(|e| WalError::io("advising mapping of", path, e))?;
     Ok(map)
-}
-
-fn read_prefix(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    let mut filled = 0;
-    while filled < buf.len() {
-        let n = file.read_at(&mut buf[filled..], filled as u64)?;
-        if n == 0 {
-            break;
-        }
-        filled += n;
-    }
-    Ok(filled)
 }
 
 /// Turns a header problem into the matching typed error.
