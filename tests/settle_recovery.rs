@@ -7,12 +7,15 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
+use settlement_wal::ledger::cql::CqlLedger;
 use settlement_wal::ledger::embedded::EmbeddedLedger;
-use settlement_wal::ledger::{BalanceKey, BalanceRow, BalanceWrite, EntryWrites, Ledger};
+use settlement_wal::ledger::{
+    BalanceKey, BalanceRow, BalanceWrite, EntryWrites, Ledger, LedgerError, StoreUrl,
+};
 use settlement_wal::settle::entry::{BalanceCache, SettlementEntry};
 use settlement_wal::settle::event::parse_event;
-use settlement_wal::settle::recovery::{plan, EntryClass};
-use settlement_wal::settle::{SettleError, Settlement, SettlementOptions};
+use settlement_wal::settle::recovery::{plan, recover, EntryClass};
+use settlement_wal::settle::{RecoveryReport, SettleError, Settlement, SettlementOptions};
 use settlement_wal::wal::{Wal, WalOptions};
 
 /// Appends the settlement entries of `lines` to a new WAL (synced, no markers) and returns
@@ -218,5 +221,241 @@ fn recover_only_runs_recovery_and_exits() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recovery on the real Cassandra node (`tools/cassandra start`): a WAL left by a kill with many
+// batches in flight (some applied without their markers, some partly, most not at all).
+
+const NODE: &str = "127.0.0.1:9042";
+
+fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Connects to a fresh keyspace on the local node; `None` (after a skip message) when there is
+/// no node and we are not under CI.
+async fn cql_or_skip(tag: &str) -> Option<(Arc<CqlLedger>, String)> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_000_000;
+    let keyspace = format!("settle_rec_{tag}_{}_{nanos}", std::process::id());
+    let url = format!("cql://{NODE}/{keyspace}?consistency=one");
+    let StoreUrl::Cql(config) = url.parse::<StoreUrl>().unwrap() else {
+        unreachable!()
+    };
+    match CqlLedger::connect(config).await {
+        Ok(l) => Some((Arc::new(l), keyspace)),
+        Err(e @ LedgerError::Unreachable { .. }) => {
+            assert!(
+                !under_ci(),
+                "CI is set but Cassandra is not reachable on {NODE}: {e}"
+            );
+            eprintln!("skipping: no Cassandra on {NODE} (run tools/cassandra start)");
+            None
+        }
+        Err(e) => panic!("connecting to {NODE}/{keyspace} failed: {e}"),
+    }
+}
+
+/// The pipeline's per-row coalescing of one micro-batch: every event row first, then the newest
+/// post-image of each balance row it touches (`coalesce` in `src/settle/pipeline.rs`).
+fn pipeline_writes(entries: &[(u64, SettlementEntry)]) -> Vec<EntryWrites> {
+    let mut rows = std::collections::BTreeMap::new();
+    let mut out: Vec<EntryWrites> = entries
+        .iter()
+        .map(|(lsn, e)| {
+            for (k, amount) in &e.post_images {
+                rows.insert(k.clone(), (*amount, *lsn));
+            }
+            EntryWrites {
+                lsn: *lsn,
+                event: Some(e.event_row(*lsn)),
+                balances: Vec::new(),
+            }
+        })
+        .collect();
+    out.push(EntryWrites {
+        lsn: entries.last().unwrap().0,
+        event: None,
+        balances: rows
+            .into_iter()
+            .map(|(key, (amount, lsn))| BalanceWrite { key, amount, lsn })
+            .collect(),
+    });
+    out
+}
+
+/// What a kill leaves behind: `entries` trades (after a deposit of every asset for 100 users)
+/// synced in the WAL with no commit marker, in micro-batches of 1000 as the pipeline makes them
+/// (with `--inflight 8`, 16 batches can be between the WAL and the store's acknowledgement): the
+/// store holds the first quarter of the batches fully, a pseudo-random half of the row writes of
+/// the second quarter, nothing of the rest. Returns the WAL, the final balances (the model) and the
+/// number of settled events.
+async fn killed_run(
+    wal_dir: &Path,
+    ledger: &dyn Ledger,
+    entries: usize,
+) -> (Wal, std::collections::BTreeMap<BalanceKey, i64>, usize) {
+    let lines = settlement_wal::settle::demo::generate(&settlement_wal::settle::demo::DemoSpec {
+        seed: 7,
+        users: 100,
+        trades: entries as u64,
+        withdraw_every: 0,
+        malformed_every: 0,
+    });
+    let wal = Wal::open(
+        wal_dir,
+        WalOptions::default().segment_size_bytes(64 * 1024 * 1024),
+    )
+    .unwrap();
+    let mut cache = BalanceCache::default();
+    let mut settled = Vec::new();
+    for l in &lines {
+        let event = parse_event(l.as_bytes()).unwrap();
+        let mut keys = Vec::new();
+        cache.missing(&event, &mut keys);
+        for k in keys {
+            cache.load(k, 0);
+        }
+        settled.push(cache.settle(event).unwrap());
+    }
+    let payloads: Vec<Vec<u8>> = settled.iter().map(SettlementEntry::encode).collect();
+    let mut lsns = Vec::with_capacity(payloads.len());
+    for chunk in payloads.chunks(1000) {
+        let (first, last) = wal.append_batch(chunk).unwrap();
+        lsns.extend(first..=last);
+    }
+    wal.sync().unwrap();
+    let numbered: Vec<(u64, SettlementEntry)> = lsns.into_iter().zip(settled).collect();
+    let mut model = std::collections::BTreeMap::new();
+    for (_, e) in &numbered {
+        for (k, amount) in &e.post_images {
+            model.insert(k.clone(), *amount);
+        }
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let batches = numbered.len().div_ceil(1000);
+    for (i, batch) in numbered.chunks(1000).enumerate() {
+        let mut writes = pipeline_writes(batch);
+        match 4 * i / batches {
+            0 => {}
+            1 => {
+                for w in &mut writes {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    if rng % 2 == 0 {
+                        w.event = None;
+                    }
+                    w.balances.retain(|_| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng % 2 == 0
+                    });
+                }
+            }
+            _ => continue,
+        }
+        for chunk in writes.chunks(500) {
+            ledger.apply(chunk).await.unwrap();
+        }
+    }
+    (wal, model, numbered.len())
+}
+
+/// Recovery on the node leaves exactly the model's balances, every trade once, and nothing
+/// pending; a second start finds nothing to do.
+async fn recover_killed_run_on_cql(entries: usize) -> Option<(RecoveryReport, u64)> {
+    let (ledger, keyspace) = cql_or_skip("kill").await?;
+    let tmp = common::temp_dir();
+    let wal_dir = tmp.path().join("wal");
+    let (wal, model, events) = killed_run(&wal_dir, &*ledger, entries).await;
+    let pending = wal.pending().unwrap();
+    assert_eq!(pending.len(), events);
+    let t0 = std::time::Instant::now();
+    let plans = plan(&*ledger, &pending).await.unwrap();
+    let plan_ms = t0.elapsed().as_millis() as u64;
+    assert_eq!(plans.len(), events);
+    drop(pending);
+    let report = recover(&wal, &*ledger, false).await.unwrap();
+    assert_eq!(report.pending, events);
+    assert_eq!(report.diverged, 0);
+    assert!(
+        report.applied > 0 && report.partial > 0 && report.missing > 0,
+        "{report:?}"
+    );
+    assert!(wal.pending().unwrap().is_empty());
+    let stored: std::collections::BTreeMap<BalanceKey, i64> = ledger
+        .scan_balances()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, r)| (k, r.amount))
+        .collect();
+    assert_eq!(
+        stored, model,
+        "balances after recovery differ from the model"
+    );
+    assert_eq!(
+        ledger.scan_trades().await.unwrap().len() + ledger.scan_movements().await.unwrap().len(),
+        events
+    );
+    let audit = settlement_wal::settle::audit::audit(&*ledger)
+        .await
+        .unwrap();
+    assert!(audit.passed(), "{audit}");
+    drop(wal);
+    let again = Settlement::open(ledger.clone(), &options(&wal_dir))
+        .await
+        .unwrap();
+    assert_eq!(again.recovery().pending, 0);
+    drop(again);
+    if let Err(e) = ledger
+        .session()
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
+        .await
+    {
+        eprintln!("note: could not drop keyspace {keyspace}: {e}");
+    }
+    Some((report, plan_ms))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_on_cql_after_a_kill_with_batches_in_flight() {
+    recover_killed_run_on_cql(3000).await;
+}
+
+/// Recovery throughput on the node (prints entries/s; no timing is asserted):
+/// `cargo test --release --test settle_recovery recovery_throughput_on_cql -- --ignored --nocapture`
+/// (`RECOVERY_BENCH_ENTRIES`, default 16,800: about what a kill leaves with the defaults).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run it with --ignored --nocapture"]
+async fn recovery_throughput_on_cql() {
+    let entries: usize = std::env::var("RECOVERY_BENCH_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16_800);
+    let Some((r, plan_ms)) = recover_killed_run_on_cql(entries).await else {
+        return;
+    };
+    let per_s = |ms: u64| r.pending as f64 * 1000.0 / ms.max(1) as f64;
+    eprintln!(
+        "recovery on {NODE}: {} pending entries ({} applied, {} partial, {} missing; {} rows \
+         re-sent, {} superseded): classification alone {plan_ms} ms ({:.0} entries/s), \
+         recovery {} ms ({:.0} entries/s)",
+        r.pending,
+        r.applied,
+        r.partial,
+        r.missing,
+        r.resent_rows,
+        r.superseded_rows,
+        per_s(plan_ms),
+        r.duration_ms,
+        per_s(r.duration_ms),
     );
 }
