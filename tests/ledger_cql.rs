@@ -11,9 +11,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use settlement_wal::ledger::conformance::{self, deposit_entry, trade_entry};
-use settlement_wal::ledger::cql::{CqlLedger, SCHEMA_VERSION};
+use settlement_wal::ledger::cql::{
+    estimated_statement_bytes, plan_batches, BatchSizeWarnings, CqlLedger, SCHEMA_VERSION,
+};
 use settlement_wal::ledger::{
-    BalanceKey, BalanceRow, CqlConfig, EntryWrites, Ledger, LedgerError, StoreUrl,
+    coalesce, BalanceKey, BalanceRow, CqlConfig, EntryWrites, EventRow, Ledger, LedgerError,
+    StoreUrl, DEFAULT_MAX_BATCH_BYTES, MAX_BATCH_BYTES_LIMIT,
 };
 
 const NODE: &str = "127.0.0.1:9042";
@@ -199,26 +202,18 @@ async fn unreachable_store_is_reported_with_its_contact_point() {
     }
 }
 
-/// An apply much larger than one batch, with the default split (20 statements per UNLOGGED
-/// batch), lands completely and never trips Cassandra's batch size warning (5 KiB here).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn default_batches_stay_below_the_size_warning() {
-    let Some((ledger, keyspace)) = connect_or_skip("size").await else {
-        return;
-    };
-    assert_eq!(ledger.config().max_statements_per_batch, 20);
-    let n = 2000u64;
-    // Long-ish symbols and large numbers: the widest rows settlement writes.
-    let entries: Vec<EntryWrites> = (0..n)
+/// The widest trade entries settlement writes: long symbols and asset names, large numbers.
+fn wide_trade_entries(n: u64) -> Vec<EntryWrites> {
+    (0..n)
         .map(|i| {
             let mut e = trade_entry(
                 1_000_000_000 + i,
                 u64::from(u32::MAX) + i,
-                1_000_000 + i,
-                2_000_000 + i,
+                1_000_000 + i % 100,
+                2_000_000 + i % 100,
                 [i64::MAX - 1, i64::MIN + 1, -(i as i64), i as i64],
             );
-            if let Some(settlement_wal::ledger::EventRow::Trade(t)) = &mut e.event {
+            if let Some(EventRow::Trade(t)) = &mut e.event {
                 t.symbol = "ABCDEFGHIJKLMNOP-QRSTUVWXYZABCDEF".into();
             }
             for b in &mut e.balances {
@@ -230,34 +225,75 @@ async fn default_batches_stay_below_the_size_warning() {
             }
             e
         })
-        .collect();
+        .collect()
+}
+
+/// Size warnings for `keyspace` in the node's log (`None` when the log is not found).
+fn size_warnings_in_node_log(keyspace: &str) -> Option<Vec<String>> {
+    Some(
+        node_log()?
+            .lines()
+            .filter(|l| l.contains(keyspace) && l.contains("exceeding"))
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// Micro-batches in the pipeline's order (every event row first, then the coalesced balance
+/// rows: `coalesce` in `src/settle/pipeline.rs`, `ledger::coalesce`), much larger than one
+/// batch, with the default limits: every batch stays within `batch_bytes` by the estimate, the
+/// node sends no size warning back and logs none, and everything lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_batches_stay_below_the_size_warning() {
+    let Some((ledger, keyspace)) = connect_or_skip("size").await else {
+        return;
+    };
+    let config = ledger.config().clone();
+    assert_eq!(
+        (config.max_statements_per_batch, config.max_batch_bytes),
+        (20, DEFAULT_MAX_BATCH_BYTES)
+    );
+    let n = 2000u64;
+    let entries = wide_trade_entries(n);
     let t0 = Instant::now();
-    ledger.apply(&entries).await.unwrap();
+    for micro_batch in entries.chunks(1000) {
+        let writes = coalesce(micro_batch);
+        assert!(writes[..micro_batch.len()]
+            .iter()
+            .all(|w| w.event.is_some() && w.balances.is_empty()));
+        let shapes = plan_batches(&writes, &config).unwrap();
+        for s in &shapes {
+            assert!(
+                s.estimated_bytes <= config.max_batch_bytes && s.statements <= 20,
+                "{s:?}"
+            );
+        }
+        // Event rows alone would make 20-statement batches of about 5.9 KiB: bytes decide.
+        assert!(shapes[0].statements < 20, "{:?}", shapes[0]);
+        ledger.apply(&writes).await.unwrap();
+    }
     eprintln!(
-        "applied {n} trades ({} statements) in {:?}",
-        n * 5,
+        "applied {n} trades in the pipeline's order in {:?}",
         t0.elapsed()
+    );
+    assert_eq!(
+        ledger.batch_size_warnings(),
+        BatchSizeWarnings::default(),
+        "the node warned about batch sizes"
     );
     assert!(ledger
         .trade_exists(u64::from(u32::MAX) + n - 1)
         .await
         .unwrap());
     assert_eq!(ledger.scan_trades().await.unwrap().len() as u64, n);
-    assert_eq!(ledger.scan_balances().await.unwrap().len() as u64, 4 * n);
-
-    match node_log() {
-        Some(log) => {
-            let bad: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains(&keyspace) && l.contains("exceeding"))
-                .collect();
-            assert!(
-                bad.is_empty(),
-                "batch size warnings in the node log:\n{}",
-                bad.join("\n")
-            );
-        }
-        None => eprintln!("note: node log not found; batch size warnings not checked"),
+    assert_eq!(ledger.scan_balances().await.unwrap().len(), 4 * 100);
+    match size_warnings_in_node_log(&keyspace) {
+        Some(bad) => assert!(
+            bad.is_empty(),
+            "batch size warnings in the node log:\n{}",
+            bad.join("\n")
+        ),
+        None => eprintln!("note: node log not found; only the driver's warnings were checked"),
     }
     drop_keyspace(&ledger, &keyspace).await;
 }
@@ -284,13 +320,14 @@ async fn values_beyond_bigint_are_invalid_and_nothing_is_written() {
     drop_keyspace(&ledger, &keyspace).await;
 }
 
-/// The negative control of the check above: batches far larger than the default do show up in
-/// the node's log as "exceeding", so an empty grep there means something.
+/// The negative control of the checks above: with the old split (20 statements, no byte limit)
+/// the same pipeline-ordered writes do come back with size warnings, seen through the driver
+/// and in the node's log, so zero warnings there means something.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_batches_do_trip_the_size_warning() {
+async fn statement_count_alone_trips_the_size_warning() {
     let keyspace = fresh_keyspace("oversize");
     let mut config = config_for(&keyspace);
-    config.max_statements_per_batch = 300;
+    config.max_batch_bytes = MAX_BATCH_BYTES_LIMIT;
     let ledger = match CqlLedger::connect(config).await {
         Ok(l) => l,
         Err(_) => {
@@ -298,27 +335,32 @@ async fn oversized_batches_do_trip_the_size_warning() {
             return;
         }
     };
-    let Some(_) = node_log() else {
-        eprintln!("note: node log not found; nothing to check");
-        return;
-    };
-    let entries: Vec<EntryWrites> = (0..60u64)
-        .map(|i| trade_entry(i + 1, i + 1, 1000 + i, 2000 + i, [1, -1, -1, 1]))
+    let entries: Vec<EntryWrites> = (0..200u64)
+        .map(|i| trade_entry(i + 1, i + 1, 1000 + i % 50, 2000 + i % 50, [1, -1, -1, 1]))
         .collect();
-    ledger.apply(&entries).await.unwrap();
+    ledger.apply(&coalesce(&entries)).await.unwrap();
+    let warned = ledger.batch_size_warnings();
+    // 200 trade rows make 10 batches of 20 (about 5.4 KiB each, as the finding measured).
+    assert_eq!(warned.batches, 10, "{warned:?}");
+    let largest = warned
+        .largest_reported_bytes
+        .expect("a size in the warning");
+    assert!((5 * 1024..6 * 1024).contains(&largest), "{warned:?}");
+    if node_log().is_none() {
+        eprintln!("note: node log not found; only the driver's warnings were checked");
+        drop_keyspace(&ledger, &keyspace).await;
+        return;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let log = node_log().unwrap_or_default();
-        let hit = log
-            .lines()
-            .find(|l| l.contains(&keyspace) && l.contains("exceeding"));
-        if let Some(line) = hit {
+        let hits = size_warnings_in_node_log(&keyspace).unwrap_or_default();
+        if let Some(line) = hits.first() {
             eprintln!("node log: {line}");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "a 300-statement batch did not produce a size warning for {keyspace}"
+            "20-trade batches did not produce a size warning in the node log for {keyspace}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -386,5 +428,93 @@ async fn read_only_connect_creates_nothing_and_refuses_writes() {
         err.to_string().contains("holds no settlement schema"),
         "{err}"
     );
+    drop_keyspace(&ledger, &keyspace).await;
+}
+
+/// Applies `entries` as one UNLOGGED batch on a new connection to `keyspace` and returns the
+/// size the node reported in its batch-size warning (`None`: no warning).
+async fn node_counted_bytes(keyspace: &str, entries: &[EntryWrites]) -> Option<u64> {
+    let mut config = config_for(keyspace);
+    config.max_statements_per_batch = 1000;
+    config.max_batch_bytes = MAX_BATCH_BYTES_LIMIT;
+    let ledger = CqlLedger::connect(config.clone()).await.unwrap();
+    assert_eq!(plan_batches(entries, &config).unwrap().len(), 1);
+    ledger.apply(entries).await.unwrap();
+    let w = ledger.batch_size_warnings();
+    assert!(w.batches <= 1, "{w:?}");
+    w.largest_reported_bytes
+}
+
+/// The size estimate that splits batches is never below what the node counts for the same
+/// batch (read from the node's own warning), for every kind of row settlement writes and for
+/// short and long strings, and not far above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estimate_covers_what_the_node_counts() {
+    let Some((ledger, keyspace)) = connect_or_skip("estimate").await else {
+        return;
+    };
+    let trades = |n: u64, symbol: &str| -> Vec<EntryWrites> {
+        (0..n)
+            .map(|i| {
+                let mut e = trade_entry(1 + i, 1 + i, 10 + i, 20 + i, [1, -1, -1, 1]);
+                e.balances.clear();
+                if let Some(EventRow::Trade(t)) = &mut e.event {
+                    t.symbol = symbol.into();
+                }
+                e
+            })
+            .collect()
+    };
+    let movements = |n: u64, asset: &str| -> Vec<EntryWrites> {
+        (0..n)
+            .map(|i| {
+                let mut e = deposit_entry(1 + i, 5000 + i, 30 + i, asset, 7, 7);
+                e.balances.clear();
+                e
+            })
+            .collect()
+    };
+    let balances = |n: u64, asset: &str| -> Vec<EntryWrites> {
+        (0..n)
+            .map(|i| {
+                let mut e = deposit_entry(1 + i, 9000 + i, 100 + i, asset, 7, 7);
+                e.event = None;
+                e
+            })
+            .collect()
+    };
+    let mixed = coalesce(
+        &(0..30u64)
+            .map(|i| trade_entry(1 + i, 20_000 + i, 1 + i % 7, 8 + i % 5, [1, -1, -1, 1]))
+            .collect::<Vec<_>>(),
+    );
+    let cases: Vec<(&str, Vec<EntryWrites>)> = vec![
+        ("trades BTC-USDT", trades(30, "BTC-USDT")),
+        (
+            "trades long symbol",
+            trades(30, "ABCDEFGHIJKLMNOP-QRSTUVWXYZABCDEF"),
+        ),
+        ("movements", movements(60, "USDT")),
+        ("movements long asset", movements(60, "ABCDEFGHIJKLMNOP")),
+        ("balances", balances(120, "BTC")),
+        ("balances long asset", balances(120, "ABCDEFGHIJKLMNOP")),
+        ("pipeline order", mixed),
+    ];
+    for (name, entries) in cases {
+        let estimate: usize = estimated_statement_bytes(&entries).unwrap().iter().sum();
+        let counted = node_counted_bytes(&keyspace, &entries).await;
+        eprintln!("{name}: estimate {estimate} bytes, node counted {counted:?}");
+        let Some(counted) = counted else {
+            panic!("{name}: no size warning for an estimated {estimate} bytes")
+        };
+        assert!(
+            estimate as u64 >= counted,
+            "{name}: estimate {estimate} below the node's {counted}"
+        );
+        assert!(
+            estimate as u64 <= counted + counted / 5,
+            "{name}: estimate {estimate} more than 20% above the node's {counted}"
+        );
+    }
     drop_keyspace(&ledger, &keyspace).await;
 }

@@ -4,8 +4,8 @@
 #![doc(hidden)]
 
 use super::{
-    BalanceKey, BalanceRow, BalanceWrite, EntryWrites, EventRow, Ledger, MovementKind, MovementRow,
-    TradeRow,
+    BalanceKey, BalanceRow, BalanceWrite, EntryWrites, EventKey, EventRow, Ledger, LedgerError,
+    MovementKind, MovementRow, TradeRow, MAX_LOOKUP_KEYS,
 };
 use crate::wal::Lsn;
 
@@ -267,10 +267,63 @@ pub async fn large_apply_and_scans(ledger: &dyn Ledger, base: u64) {
     assert!(movements.iter().all(|m| m.amount > 0));
 }
 
+/// Bulk event lookups answer like the one-at-a-time ones, in the order asked, for present and
+/// absent trades and movements (trade ids and output sequences are separate key spaces), many
+/// more than the store keeps in flight; more than [`MAX_LOOKUP_KEYS`] is refused as invalid.
+pub async fn bulk_event_lookups(ledger: &dyn Ledger, base: u64) {
+    let n = 300u64;
+    let entries: Vec<EntryWrites> = (0..n)
+        .map(|i| {
+            let lsn = base + 40_000 + i;
+            if i % 3 == 0 {
+                deposit_entry(lsn, base + 40_000 + i, base + 300, "BTC", 1, i as i64)
+            } else {
+                trade_entry(
+                    lsn,
+                    base + 40_000 + i,
+                    base + 301,
+                    base + 302,
+                    [1, -1, -1, 1],
+                )
+            }
+        })
+        .collect();
+    // Every other entry is stored.
+    let stored: Vec<EntryWrites> = entries.iter().step_by(2).cloned().collect();
+    ledger.apply(&stored).await.unwrap();
+    let mut keys = Vec::new();
+    let mut want = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let key = e.event.as_ref().unwrap().key();
+        keys.push(key);
+        want.push((i % 2 == 0).then_some(e.lsn));
+        // The same number in the other key space does not exist.
+        keys.push(match key {
+            EventKey::Trade(id) => EventKey::Movement(id),
+            EventKey::Movement(seq) => EventKey::Trade(seq),
+        });
+        want.push(None);
+    }
+    let got = ledger.event_lsns(&keys).await.expect("event_lsns");
+    assert_eq!(got, want, "bulk lookups answer in the order asked");
+    for (key, want) in keys.iter().zip(&want).step_by(37) {
+        let one = match *key {
+            EventKey::Trade(id) => ledger.trade_lsn(id).await.unwrap(),
+            EventKey::Movement(seq) => ledger.movement_lsn(seq).await.unwrap(),
+        };
+        assert_eq!(one, *want, "{key}: bulk and single lookups agree");
+    }
+    assert_eq!(ledger.event_lsns(&[]).await.unwrap(), Vec::new());
+    let too_many = vec![EventKey::Trade(base); MAX_LOOKUP_KEYS + 1];
+    let err = ledger.event_lsns(&too_many).await.unwrap_err();
+    assert!(matches!(err, LedgerError::Invalid(_)), "{err}");
+}
+
 /// Runs every check.
 pub async fn run_all(ledger: &dyn Ledger, base: u64) {
     idempotent_reapply(ledger, base).await;
     out_of_order_keeps_newest(ledger, base).await;
     partial_batches(ledger, base).await;
     large_apply_and_scans(ledger, base).await;
+    bulk_event_lookups(ledger, base).await;
 }

@@ -34,8 +34,11 @@
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
 
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
@@ -54,8 +57,9 @@ use scylla::statement::{Consistency as CqlConsistency, Statement};
 use tokio::task::JoinSet;
 
 use super::{
-    validate_entries, BalanceKey, BalanceRow, BalanceWrite, Consistency, CqlConfig, EntryWrites,
-    EventRow, Ledger, LedgerError, MovementKind, MovementRow, Result, TradeRow,
+    validate_entries, validate_lookup, BalanceKey, BalanceRow, BalanceWrite, Consistency,
+    CqlConfig, EntryWrites, EventKey, EventRow, Ledger, LedgerError, MovementKind, MovementRow,
+    Result, TradeRow,
 };
 use crate::wal::Lsn;
 
@@ -88,6 +92,32 @@ struct Inner {
     scan_trades: PreparedStatement,
     scan_movements: PreparedStatement,
     scan_balances: PreparedStatement,
+    /// Batches the store answered with a batch-size warning.
+    size_warnings: AtomicU64,
+    /// Largest batch size (bytes) read from such a warning; 0 when none had a readable size.
+    largest_warned_bytes: AtomicU64,
+}
+
+/// Batch-size warnings the store sent back with its responses (Cassandra's
+/// `batch_size_warn_threshold`) since this ledger connected. With the default limits there are
+/// none; a count above zero means `batch_bytes=` is above the store's threshold (or the size
+/// estimate is off for these rows).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchSizeWarnings {
+    /// Batches the store warned about.
+    pub batches: u64,
+    /// The largest batch size the store reported in a warning, in bytes as the store counts them
+    /// (`None` when no warning carried a size this code could read).
+    pub largest_reported_bytes: Option<u64>,
+}
+
+/// One UNLOGGED batch as [`Ledger::apply`] sends it (see [`plan_batches`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchShape {
+    /// Statements in the batch.
+    pub statements: usize,
+    /// The sum of [`estimated_statement_bytes`] over them.
+    pub estimated_bytes: usize,
 }
 
 impl std::fmt::Debug for CqlLedger {
@@ -176,6 +206,8 @@ impl CqlLedger {
                 .await?,
             session,
             config,
+            size_warnings: AtomicU64::new(0),
+            largest_warned_bytes: AtomicU64::new(0),
         };
         tracing::info!(store = %inner.config.display_url(), "cql ledger connected");
         Ok(CqlLedger {
@@ -192,6 +224,15 @@ impl CqlLedger {
     /// [`Ledger::apply`]).
     pub fn session(&self) -> &Session {
         &self.inner.session
+    }
+
+    /// The batch-size warnings the store returned since connect.
+    pub fn batch_size_warnings(&self) -> BatchSizeWarnings {
+        let largest = self.inner.largest_warned_bytes.load(Ordering::Relaxed);
+        BatchSizeWarnings {
+            batches: self.inner.size_warnings.load(Ordering::Relaxed),
+            largest_reported_bytes: (largest > 0).then_some(largest),
+        }
     }
 
     /// The schema version stored in the keyspace (`None` when the row is missing).
@@ -687,6 +728,126 @@ fn row_values(entries: &[EntryWrites]) -> Result<Vec<RowValues>> {
     Ok(rows)
 }
 
+/// What Cassandra counts for one cell towards a batch's size (`Cell::dataSize`: write timestamp,
+/// TTL and local deletion time), besides the value's bytes. Measured on Cassandra 5.0.9 from the
+/// sizes its warnings report (`estimate_covers_what_the_node_counts` in `tests/ledger_cql.rs`
+/// checks it on every run): 20 bytes per cell, 50 per row.
+const CELL_OVERHEAD_BYTES: usize = 20;
+/// What Cassandra counts for one row besides its cells and its clustering value: about 22 bytes
+/// for the row (liveness timestamp, row deletion) and 28 for its partition update. The node
+/// counts the partition part once per partition in a batch; counting it per statement
+/// over-estimates a batch by 28 bytes per further row of a partition, never under-estimates.
+const ROW_OVERHEAD_BYTES: usize = 50;
+/// A `bigint` value.
+const BIGINT_BYTES: usize = 8;
+
+impl RowValues {
+    /// See [`estimated_statement_bytes`].
+    fn estimated_bytes(&self) -> usize {
+        let cells = |n: usize| n * CELL_OVERHEAD_BYTES + ROW_OVERHEAD_BYTES;
+        match self {
+            // Key trade_id; 8 cells: 7 bigints and the symbol.
+            RowValues::Trade(v) => cells(8) + 7 * BIGINT_BYTES + v.2.len(),
+            // Key output_sequence; 5 cells: kind, user_id, asset, amount, lsn.
+            RowValues::Movement(v) => cells(5) + v.1.len() + 3 * BIGINT_BYTES + v.3.len(),
+            // Key user_id, clustering asset (counted); 2 cells: amount, last_lsn.
+            RowValues::Balance(v) => cells(2) + v.1.len() + 2 * BIGINT_BYTES,
+        }
+    }
+}
+
+/// Estimated size of each statement `apply` sends for `entries`, in their order, in bytes as
+/// Cassandra counts a batch for `batch_size_warn_threshold` (the data size of the rows: cell
+/// values plus per-cell and per-row overhead; not the bytes on the wire). An overestimate by a
+/// few bytes per statement; `tests/ledger_cql.rs` checks it against the sizes the node reports.
+pub fn estimated_statement_bytes(entries: &[EntryWrites]) -> Result<Vec<usize>> {
+    Ok(row_values(entries)?
+        .iter()
+        .map(RowValues::estimated_bytes)
+        .collect())
+}
+
+/// How [`Ledger::apply`] splits `entries` into UNLOGGED batches under `config`'s limits
+/// (`batch_statements`, `batch_bytes`), without sending anything.
+pub fn plan_batches(entries: &[EntryWrites], config: &CqlConfig) -> Result<Vec<BatchShape>> {
+    let rows = row_values(entries)?;
+    Ok(split_batches(
+        rows,
+        config.max_statements_per_batch,
+        config.max_batch_bytes,
+    )
+    .iter()
+    .map(|batch| BatchShape {
+        statements: batch.len(),
+        estimated_bytes: batch.iter().map(RowValues::estimated_bytes).sum(),
+    })
+    .collect())
+}
+
+/// Splits row writes, keeping their order, into batches of at most `max_statements` statements
+/// and at most `max_bytes` estimated bytes: a batch ends before the statement that would take it
+/// over either limit. A statement larger than `max_bytes` on its own goes alone.
+fn split_batches(
+    rows: Vec<RowValues>,
+    max_statements: usize,
+    max_bytes: usize,
+) -> Vec<Vec<RowValues>> {
+    let max_statements = max_statements.max(1);
+    let mut batches = Vec::new();
+    let mut current: Vec<RowValues> = Vec::new();
+    let mut current_bytes = 0usize;
+    for row in rows {
+        let bytes = row.estimated_bytes();
+        if !current.is_empty()
+            && (current.len() >= max_statements || current_bytes + bytes > max_bytes)
+        {
+            batches.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current_bytes += bytes;
+        current.push(row);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+/// The batch size a store's size warning reports, in bytes: Cassandra 4.1+ writes
+/// `Batch for [ks.trades] is of size 5.349KiB, exceeding specified threshold of 5.000KiB by
+/// 357B.`, older versions and ScyllaDB a plain number of bytes. `None` when there is no size.
+fn reported_batch_bytes(warning: &str) -> Option<u64> {
+    let rest = &warning[warning.find("of size ")? + "of size ".len()..];
+    // Digits, a decimal point, and commas between digits (thousands separators; a comma after
+    // the number ends the clause).
+    let bytes = rest.as_bytes();
+    let mut number_len = 0;
+    while number_len < bytes.len() {
+        let c = bytes[number_len];
+        let separator = c == b','
+            && number_len > 0
+            && bytes.get(number_len + 1).is_some_and(u8::is_ascii_digit);
+        if !(c.is_ascii_digit() || c == b'.' || separator) {
+            break;
+        }
+        number_len += 1;
+    }
+    let number: f64 = rest[..number_len].replace(',', "").parse().ok()?;
+    let unit: String = rest[number_len..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect();
+    let scale = match unit.as_str() {
+        "" | "B" | "bytes" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some((number * scale).round() as u64)
+}
+
 impl Inner {
     fn statement_for(&self, row: &RowValues) -> &PreparedStatement {
         match row {
@@ -710,10 +871,18 @@ impl Inner {
         .await
         .map_err(Failure::into_write_error)?;
         for warning in result.warnings() {
-            // A size warning means `batch_statements` is too high for these rows; the
-            // "unlogged batch covering N partitions" advisory is expected (that is the design).
+            // A size warning means `batch_bytes` is above the store's threshold (or the estimate
+            // is off for these rows); the "unlogged batch covering N partitions" advisory is
+            // expected (that is the design).
             if warning.contains("exceeding") {
-                tracing::warn!(store = %self.config.display_url(), %warning, statements = rows.len(), "store warned about a batch");
+                self.size_warnings.fetch_add(1, Ordering::Relaxed);
+                if let Some(bytes) = reported_batch_bytes(warning) {
+                    self.largest_warned_bytes
+                        .fetch_max(bytes, Ordering::Relaxed);
+                }
+                metrics::counter!("settlement_store_batch_size_warnings_total").increment(1);
+                let estimated_bytes: usize = rows.iter().map(RowValues::estimated_bytes).sum();
+                tracing::warn!(store = %self.config.display_url(), %warning, statements = rows.len(), estimated_bytes, "store warned about a batch's size");
             } else {
                 tracing::debug!(store = %self.config.display_url(), %warning, "store warning");
             }
@@ -751,6 +920,17 @@ impl Inner {
             None => Ok(None),
             Some((None,)) => Err(LedgerError::Other(format!("{what} {key}: row without lsn"))),
             Some((Some(lsn),)) => Ok(Some(to_u64("lsn", lsn)?)),
+        }
+    }
+
+    /// The LSN of one event row.
+    async fn event_lsn(&self, key: EventKey) -> Result<Option<Lsn>> {
+        match key {
+            EventKey::Trade(id) => self.read_lsn("trade_id", &self.select_trade_lsn, id).await,
+            EventKey::Movement(seq) => {
+                self.read_lsn("output_sequence", &self.select_movement_lsn, seq)
+                    .await
+            }
         }
     }
 
@@ -824,16 +1004,16 @@ impl Ledger for CqlLedger {
         if rows.is_empty() {
             return Ok(());
         }
-        let per_batch = self.inner.config.max_statements_per_batch.max(1);
-        let inflight = self.inner.config.max_inflight_batches.max(1);
-        if rows.len() <= per_batch {
-            return self.inner.execute_batch(rows).await;
-        }
-
-        let mut chunks = Vec::with_capacity(rows.len().div_ceil(per_batch));
-        let mut rows = rows.into_iter().peekable();
-        while rows.peek().is_some() {
-            chunks.push(rows.by_ref().take(per_batch).collect::<Vec<_>>());
+        let config = &self.inner.config;
+        let inflight = config.max_inflight_batches.max(1);
+        let mut chunks = split_batches(
+            rows,
+            config.max_statements_per_batch,
+            config.max_batch_bytes,
+        );
+        if chunks.len() == 1 {
+            let chunk = chunks.pop().expect("one batch");
+            return self.inner.execute_batch(chunk).await;
         }
         let mut chunks = chunks.into_iter();
         let mut running = JoinSet::new();
@@ -866,23 +1046,30 @@ impl Ledger for CqlLedger {
     }
 
     async fn trade_lsn(&self, trade_id: u64) -> Result<Option<Lsn>> {
-        self.inner
-            .read_lsn("trade_id", &self.inner.select_trade_lsn, trade_id)
-            .await
+        self.inner.event_lsn(EventKey::Trade(trade_id)).await
     }
 
     async fn movement_lsn(&self, output_sequence: u64) -> Result<Option<Lsn>> {
         self.inner
-            .read_lsn(
-                "output_sequence",
-                &self.inner.select_movement_lsn,
-                output_sequence,
-            )
+            .event_lsn(EventKey::Movement(output_sequence))
+            .await
+    }
+
+    /// One single-partition read per key (token-aware: each goes to a replica of its row), at
+    /// most `inflight_reads` in flight; the first error ends the call (reads still in flight are
+    /// dropped: a read changes nothing).
+    async fn event_lsns(&self, keys: &[EventKey]) -> Result<Vec<Option<Lsn>>> {
+        validate_lookup(keys)?;
+        let inner = &*self.inner;
+        stream::iter(keys.iter().copied())
+            .map(|key| inner.event_lsn(key))
+            .buffered(inner.config.max_inflight_reads.max(1))
+            .try_collect()
             .await
     }
 
     async fn read_balances(&self, keys: &[BalanceKey]) -> Result<Vec<Option<BalanceRow>>> {
-        // One query per user partition (`asset IN ?`), several in flight.
+        // One query per user partition (`asset IN ?`), at most `inflight_reads` in flight.
         let mut by_user: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
         for k in keys {
             let assets = by_user.entry(k.user_id).or_default();
@@ -891,7 +1078,7 @@ impl Ledger for CqlLedger {
             }
         }
         let mut found: std::collections::HashMap<BalanceKey, BalanceRow> = Default::default();
-        let inflight = self.inner.config.max_inflight_batches.max(1);
+        let inflight = self.inner.config.max_inflight_reads.max(1);
         let mut users = by_user.into_iter();
         let mut running = JoinSet::new();
         let mut first_error: Option<LedgerError> = None;
@@ -1019,6 +1206,130 @@ mod tests {
                 RowValues::Balance(v) => assert_eq!((v.3, v.4), (42, 42)),
                 RowValues::Movement(_) => unreachable!(),
             }
+        }
+    }
+
+    /// Row writes in the pipeline's order: 1000 trades' event rows, then their balance rows.
+    fn pipeline_rows() -> Vec<RowValues> {
+        let entries: Vec<EntryWrites> = (0..1000u64)
+            .map(|i| {
+                crate::ledger::conformance::trade_entry(
+                    i + 1,
+                    i + 1,
+                    i % 97,
+                    100 + i % 89,
+                    [1, -1, -1, 1],
+                )
+            })
+            .collect();
+        let writes = crate::ledger::coalesce(&entries);
+        assert!(writes[..1000].iter().all(|w| w.balances.is_empty()));
+        row_values(&writes).unwrap()
+    }
+
+    fn kinds(rows: &[RowValues]) -> Vec<u8> {
+        rows.iter()
+            .map(|r| match r {
+                RowValues::Trade(_) => 0,
+                RowValues::Movement(_) => 1,
+                RowValues::Balance(_) => 2,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_are_split_by_bytes_as_well_as_by_statements() {
+        let rows = pipeline_rows();
+        let all = kinds(&rows);
+        let trade_bytes = rows[0].estimated_bytes();
+        for (max_statements, max_bytes) in [(20, 4096), (20, 5120), (1000, 4096), (5, 100_000)] {
+            let batches = split_batches(rows.clone(), max_statements, max_bytes);
+            // Nothing lost, nothing reordered.
+            let flat: Vec<RowValues> = batches.iter().flatten().cloned().collect();
+            assert_eq!(kinds(&flat), all);
+            for b in &batches {
+                let bytes: usize = b.iter().map(RowValues::estimated_bytes).sum();
+                assert!(!b.is_empty());
+                assert!(b.len() <= max_statements, "{} statements", b.len());
+                assert!(bytes <= max_bytes, "{bytes} bytes > {max_bytes}");
+            }
+            // Batches are full: the next statement would not have fitted.
+            for pair in batches.windows(2) {
+                let bytes: usize = pair[0].iter().map(RowValues::estimated_bytes).sum();
+                assert!(
+                    pair[0].len() == max_statements
+                        || bytes + pair[1][0].estimated_bytes() > max_bytes
+                );
+            }
+        }
+        // The finding: 20 trade rows are over 5 KiB; with the default 4 KiB a batch of trade
+        // rows holds what fits.
+        assert!(20 * trade_bytes > 5 * 1024, "{trade_bytes}");
+        let batches = split_batches(rows, 20, crate::ledger::DEFAULT_MAX_BATCH_BYTES);
+        assert_eq!(batches[0].len(), 4096 / trade_bytes);
+    }
+
+    #[test]
+    fn a_statement_above_the_byte_limit_goes_alone() {
+        let rows = pipeline_rows();
+        let trade_bytes = rows[0].estimated_bytes();
+        let balance_bytes = rows.last().unwrap().estimated_bytes();
+        assert!(balance_bytes < trade_bytes);
+        // Trades are above the limit, balances below it.
+        let batches = split_batches(rows.clone(), 20, trade_bytes - 1);
+        for b in &batches {
+            let bytes: usize = b.iter().map(RowValues::estimated_bytes).sum();
+            assert!(
+                b.len() == 1 || bytes < trade_bytes,
+                "{} statements, {bytes} bytes",
+                b.len()
+            );
+        }
+        assert_eq!(batches.iter().filter(|b| b.len() == 1).count(), 1000);
+        // A limit of one byte: one statement per batch.
+        assert_eq!(split_batches(rows.clone(), 20, 1).len(), rows.len());
+        assert!(split_batches(Vec::new(), 20, 4096).is_empty());
+    }
+
+    #[test]
+    fn plan_batches_follows_the_config() {
+        let entries: Vec<EntryWrites> = (0..100u64)
+            .map(|i| crate::ledger::conformance::trade_entry(i + 1, i + 1, 1, 2, [1, -1, -1, 1]))
+            .collect();
+        let writes = crate::ledger::coalesce(&entries);
+        let mut config = CqlConfig::new(vec!["127.0.0.1:9042".into()], "ks");
+        let shapes = plan_batches(&writes, &config).unwrap();
+        assert_eq!(shapes.iter().map(|s| s.statements).sum::<usize>(), 104);
+        assert!(shapes.iter().all(|s| s.estimated_bytes <= 4096));
+        config.max_batch_bytes = crate::ledger::MAX_BATCH_BYTES_LIMIT;
+        config.max_statements_per_batch = 1000;
+        assert_eq!(plan_batches(&writes, &config).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn batch_sizes_are_read_from_store_warnings() {
+        for (warning, bytes) in [
+            (
+                "Batch for [ks.trades] is of size 5.349KiB, exceeding specified threshold of \
+                 5.000KiB by 357B.",
+                Some(5477),
+            ),
+            (
+                "Batch for [ks.trades, ks.balances] is of size 8220, exceeding specified \
+                 threshold of 5120 by 3100.",
+                Some(8220),
+            ),
+            (
+                "Batch for [ks.trades] is of size 12,345, exceeding specified threshold of \
+                 5,120 by 7,225.",
+                Some(12_345),
+            ),
+            ("Batch of size 1.5MiB, exceeding", Some(1_572_864)),
+            ("Unlogged batch covering 30 partitions detected", None),
+            ("of size lots, exceeding", None),
+            ("of size 12 furlongs", None),
+        ] {
+            assert_eq!(reported_batch_bytes(warning), bytes, "{warning}");
         }
     }
 

@@ -13,8 +13,8 @@ use redb::{
 };
 
 use super::{
-    validate_entries, BalanceKey, BalanceRow, EntryWrites, EventRow, Ledger, LedgerError,
-    MovementRow, Result, TradeRow,
+    validate_entries, validate_lookup, BalanceKey, BalanceRow, EntryWrites, EventKey, EventRow,
+    Ledger, LedgerError, MovementRow, Result, TradeRow,
 };
 use crate::wal::format::{decode_payload, encode_payload};
 use crate::wal::Lsn;
@@ -281,6 +281,33 @@ impl Ledger for EmbeddedLedger {
             Ok(t.get(output_sequence)
                 .map_err(|e| store_err(path, "read movement", e))?
                 .map(|g| g.value().0))
+        })
+        .await
+    }
+
+    async fn event_lsns(&self, keys: &[EventKey]) -> Result<Vec<Option<Lsn>>> {
+        validate_lookup(keys)?;
+        let keys = keys.to_vec();
+        // One read transaction for all of them (one snapshot, one blocking task).
+        self.blocking(move |db, path| {
+            let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
+            let trades = txn
+                .open_table(TRADES)
+                .map_err(|e| store_err(path, "open", e))?;
+            let movements = txn
+                .open_table(MOVEMENTS)
+                .map_err(|e| store_err(path, "open", e))?;
+            keys.iter()
+                .map(|k| {
+                    let found = match *k {
+                        EventKey::Trade(id) => trades.get(id),
+                        EventKey::Movement(seq) => movements.get(seq),
+                    };
+                    Ok(found
+                        .map_err(|e| store_err(path, &format!("read {k}"), e))?
+                        .map(|g| g.value().0))
+                })
+                .collect()
         })
         .await
     }

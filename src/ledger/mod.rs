@@ -20,7 +20,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use url::{Consistency, CqlConfig, StoreUrl};
+pub use url::{
+    Consistency, CqlConfig, StoreUrl, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_INFLIGHT_READS,
+    MAX_BATCH_BYTES_LIMIT,
+};
 
 use crate::wal::Lsn;
 
@@ -32,6 +35,8 @@ pub type Amount = i64;
 
 /// Most writes (rows) one [`Ledger::apply`] call may carry.
 pub const MAX_APPLY_ROWS: usize = 64 * 1024;
+/// Most keys one [`Ledger::event_lsns`] call may look up.
+pub const MAX_LOOKUP_KEYS: usize = 64 * 1024;
 /// Longest asset name accepted (bytes).
 pub const MAX_ASSET_LEN_BYTES: usize = 16;
 
@@ -157,6 +162,34 @@ pub enum EventRow {
     Movement(MovementRow),
 }
 
+/// Names one event row: a trade by its id, or a deposit/withdrawal by its output sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum EventKey {
+    /// The `trades` row with this trade id.
+    Trade(u64),
+    /// The `movements` row with this output sequence.
+    Movement(u64),
+}
+
+impl EventRow {
+    /// The key of this row.
+    pub fn key(&self) -> EventKey {
+        match self {
+            EventRow::Trade(t) => EventKey::Trade(t.trade_id),
+            EventRow::Movement(m) => EventKey::Movement(m.output_sequence),
+        }
+    }
+}
+
+impl fmt::Display for EventKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventKey::Trade(id) => write!(f, "trade {id}"),
+            EventKey::Movement(seq) => write!(f, "movement {seq}"),
+        }
+    }
+}
+
 /// Every store write of one WAL entry: its event row and the post-images of the balance rows it
 /// touches. A store may receive the writes of several entries in one [`Ledger::apply`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +262,23 @@ pub trait Ledger: Send + Sync {
     /// The LSN of the trade row with this id, if it exists.
     async fn trade_lsn(&self, trade_id: u64) -> Result<Option<Lsn>>;
 
+    /// The LSN of each event row in `keys`, in the order of `keys` (`None` for a row that does
+    /// not exist): recovery's existence checks for many entries at once. At most
+    /// [`MAX_LOOKUP_KEYS`] keys per call ([`LedgerError::Invalid`] beyond). The default looks the
+    /// keys up one at a time with [`Ledger::trade_lsn`] and [`Ledger::movement_lsn`]; a store with
+    /// a network round trip per read overrides it with concurrent reads under an explicit limit.
+    async fn event_lsns(&self, keys: &[EventKey]) -> Result<Vec<Option<Lsn>>> {
+        validate_lookup(keys)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(match *key {
+                EventKey::Trade(id) => self.trade_lsn(id).await?,
+                EventKey::Movement(seq) => self.movement_lsn(seq).await?,
+            });
+        }
+        Ok(out)
+    }
+
     /// Does the trade row exist?
     async fn trade_exists(&self, trade_id: u64) -> Result<bool> {
         Ok(self.trade_lsn(trade_id).await?.is_some())
@@ -274,6 +324,63 @@ pub(crate) fn validate_entries(entries: &[EntryWrites]) -> Result<()> {
     Ok(())
 }
 
+/// Checks the limit of one [`Ledger::event_lsns`] call.
+pub(crate) fn validate_lookup(keys: &[EventKey]) -> Result<()> {
+    if keys.len() > MAX_LOOKUP_KEYS {
+        return Err(LedgerError::Invalid(format!(
+            "{} event lookups in one call exceeds the limit of {MAX_LOOKUP_KEYS}",
+            keys.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Per-row coalescing, the order in which the settlement pipeline sends a micro-batch: every
+/// entry's event row first (in the order given), then one write per balance row carrying its
+/// newest post-image (the highest LSN; of equal LSNs the later one), sorted by key so that the
+/// rows of one user partition are neighbours.
+///
+/// Applying the result leaves the store exactly as applying `writes` would: a balance write
+/// that is left out is older than one that is kept for the same row, and rows keep the newest
+/// LSN whatever order writes land in (P4).
+pub fn coalesce(writes: &[EntryWrites]) -> Vec<EntryWrites> {
+    let mut rows: std::collections::BTreeMap<&BalanceKey, (Amount, Lsn)> = Default::default();
+    let mut out: Vec<EntryWrites> = Vec::with_capacity(writes.len() + 1);
+    let mut last_lsn = None;
+    for w in writes {
+        last_lsn = last_lsn.max(Some(w.lsn));
+        if let Some(event) = &w.event {
+            out.push(EntryWrites {
+                lsn: w.lsn,
+                event: Some(event.clone()),
+                balances: Vec::new(),
+            });
+        }
+        for b in &w.balances {
+            last_lsn = last_lsn.max(Some(b.lsn));
+            let newest = rows.entry(&b.key).or_insert((b.amount, b.lsn));
+            if b.lsn >= newest.1 {
+                *newest = (b.amount, b.lsn);
+            }
+        }
+    }
+    if let (Some(lsn), false) = (last_lsn, rows.is_empty()) {
+        out.push(EntryWrites {
+            lsn,
+            event: None,
+            balances: rows
+                .into_iter()
+                .map(|(key, (amount, lsn))| BalanceWrite {
+                    key: key.clone(),
+                    amount,
+                    lsn,
+                })
+                .collect(),
+        });
+    }
+    out
+}
+
 /// Opens the store a URL names for reading only, for inspection tools: nothing is created or
 /// written (an embedded file must exist; a CQL keyspace must already hold the schema).
 pub async fn open_store_read_only(url: &StoreUrl) -> Result<Box<dyn Ledger>> {
@@ -292,5 +399,91 @@ pub async fn open_store(url: &StoreUrl) -> Result<Box<dyn Ledger>> {
     match url {
         StoreUrl::Embedded(path) => Ok(Box::new(embedded::EmbeddedLedger::open(path)?)),
         StoreUrl::Cql(config) => Ok(Box::new(cql::CqlLedger::connect(config.clone()).await?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conformance::{deposit_entry, trade_entry};
+    use super::*;
+
+    #[test]
+    fn coalesce_puts_event_rows_first_and_keeps_the_newest_post_image() {
+        let writes = vec![
+            trade_entry(5, 50, 1, 2, [10, -10, -10, 10]),
+            deposit_entry(6, 60, 1, "BTC", 1, 11),
+            trade_entry(7, 70, 2, 1, [-9, 19, 12, -20]),
+        ];
+        let out = coalesce(&writes);
+        let events: Vec<EventKey> = out
+            .iter()
+            .filter_map(|w| w.event.as_ref().map(EventRow::key))
+            .collect();
+        assert_eq!(
+            events,
+            vec![
+                EventKey::Trade(50),
+                EventKey::Movement(60),
+                EventKey::Trade(70)
+            ]
+        );
+        assert!(out[..3].iter().all(|w| w.balances.is_empty()));
+        let last = out.last().unwrap();
+        assert!(last.event.is_none());
+        assert_eq!(last.lsn, 7);
+        let got: Vec<(u64, &str, i64, u64)> = last
+            .balances
+            .iter()
+            .map(|b| (b.key.user_id, b.key.asset.as_str(), b.amount, b.lsn))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, "BTC", 12, 7),
+                (1, "USDT", -20, 7),
+                (2, "BTC", -9, 7),
+                (2, "USDT", 19, 7)
+            ]
+        );
+        // Out of order input: the highest LSN wins, not the last position.
+        let reversed: Vec<EntryWrites> = writes.iter().rev().cloned().collect();
+        assert_eq!(coalesce(&reversed).last().unwrap().balances, last.balances);
+        assert!(coalesce(&[]).is_empty());
+    }
+
+    /// The simulated store keeps the same rules as the real ones (without faults injected), and
+    /// its `event_lsns` is the trait's default.
+    #[tokio::test]
+    async fn sim_store_passes_the_conformance_suite() {
+        let ledger = sim::SimLedger::new(7);
+        conformance::run_all(&ledger, 0).await;
+        conformance::run_all(&ledger, 1_000_000).await;
+    }
+
+    #[tokio::test]
+    async fn applying_coalesced_writes_leaves_the_same_store() {
+        let writes: Vec<EntryWrites> = (0..200u64)
+            .map(|i| {
+                if i % 7 == 0 {
+                    deposit_entry(i + 1, 10_000 + i, i % 5, "ETH", 3, i as i64)
+                } else {
+                    let p = i as i64;
+                    trade_entry(i + 1, i, i % 5, (i * 3) % 7, [p, -p, -p, p])
+                }
+            })
+            .collect();
+        let all = sim::SimLedger::new(1);
+        let coalesced = sim::SimLedger::new(1);
+        all.apply(&writes).await.unwrap();
+        coalesced.apply(&coalesce(&writes)).await.unwrap();
+        let mut a = all.scan_balances().await.unwrap();
+        let mut b = coalesced.scan_balances().await.unwrap();
+        a.sort_by(|x, y| x.0.cmp(&y.0));
+        b.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(a, b);
+        assert_eq!(
+            all.scan_trades().await.unwrap().len(),
+            coalesced.scan_trades().await.unwrap().len()
+        );
     }
 }

@@ -1,4 +1,19 @@
 //! Store URLs: `embedded:PATH` or `cql://HOST:PORT[,HOST:PORT]/KEYSPACE[?options]`.
+//!
+//! CQL options (`key=value`, joined by `&`; numbers out of range are clamped to it):
+//!
+//! | option | meaning | default |
+//! |---|---|---|
+//! | `consistency` | `one`, `quorum`, `local_quorum`, `all` | `local_quorum` |
+//! | `dc` | preferred datacenter (no failover to others) | none |
+//! | `rf` | replication factor of a keyspace we create (1 to 16) | 1 |
+//! | `connect_timeout_ms` | connection timeout | 5000 |
+//! | `request_timeout_ms` | per-request timeout | 5000 |
+//! | `max_attempts` | attempts per request before its outcome is unknown (1 to 100) | 5 |
+//! | `batch_statements` | most statements per UNLOGGED batch (1 to 1000) | 20 |
+//! | `batch_bytes` | most estimated bytes per UNLOGGED batch, as Cassandra counts them for its batch-size warning (1 to 1 MiB) | 4096 |
+//! | `inflight` | batches in flight at once per apply (1 to 1024) | 16 |
+//! | `inflight_reads` | reads in flight at once in a bulk read (recovery's lookups, balance reads; 1 to 1024) | 64 |
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -7,6 +22,15 @@ use super::LedgerError;
 
 /// Default embedded store path, relative to the working directory.
 pub const DEFAULT_EMBEDDED_PATH: &str = "./data/ledger.redb";
+
+/// Default most estimated bytes per UNLOGGED batch: 4 KiB, a fifth below the 5 KiB
+/// `batch_size_warn_threshold` of Cassandra's default `cassandra.yaml` (and of
+/// `tools/cassandra-node`), so the estimate's error never reaches the warning.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 4 * 1024;
+/// Largest `batch_bytes=` accepted (1 MiB; Cassandra's default failure threshold is 50 KiB).
+pub const MAX_BATCH_BYTES_LIMIT: usize = 1024 * 1024;
+/// Default reads in flight at once in one bulk read.
+pub const DEFAULT_MAX_INFLIGHT_READS: usize = 64;
 
 /// Consistency level for CQL reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,12 +79,18 @@ pub struct CqlConfig {
     pub request_timeout_ms: u64,
     /// Attempts per write before its outcome is reported unknown (`max_attempts=`; default 5).
     pub max_attempts: u32,
-    /// Statements per UNLOGGED batch (`batch_statements=`; default 20: measured at about 140
-    /// bytes per statement, which keeps a batch near 3 KiB, under Cassandra's 5 KiB warning and
-    /// far from its 50 KiB failure threshold).
+    /// Most statements per UNLOGGED batch (`batch_statements=`, 1 to 1000; default 20).
     pub max_statements_per_batch: usize,
-    /// Batches in flight at once per apply (`inflight=`; default 16).
+    /// Most estimated bytes per UNLOGGED batch (`batch_bytes=`, 1 to 1 MiB; default
+    /// [`DEFAULT_MAX_BATCH_BYTES`]), counted the way Cassandra counts a batch for its
+    /// `batch_size_warn_threshold` (see `cql::estimated_statement_bytes`). A batch ends at
+    /// whichever limit it reaches first; a single statement above this limit goes alone.
+    pub max_batch_bytes: usize,
+    /// Batches in flight at once per apply (`inflight=`, 1 to 1024; default 16).
     pub max_inflight_batches: usize,
+    /// Reads in flight at once in one bulk read (`Ledger::event_lsns`, `read_balances`;
+    /// `inflight_reads=`, 1 to 1024; default [`DEFAULT_MAX_INFLIGHT_READS`]).
+    pub max_inflight_reads: usize,
     /// Never create or alter the schema, refuse writes (inspection tools); not a URL option.
     pub read_only: bool,
 }
@@ -78,7 +108,9 @@ impl CqlConfig {
             request_timeout_ms: 5000,
             max_attempts: 5,
             max_statements_per_batch: 20,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_inflight_batches: 16,
+            max_inflight_reads: DEFAULT_MAX_INFLIGHT_READS,
             read_only: false,
         }
     }
@@ -176,7 +208,11 @@ impl FromStr for StoreUrl {
                 "batch_statements" => {
                     config.max_statements_per_batch = num(v)?.clamp(1, 1000) as usize
                 }
+                "batch_bytes" => {
+                    config.max_batch_bytes = num(v)?.clamp(1, MAX_BATCH_BYTES_LIMIT as u64) as usize
+                }
                 "inflight" => config.max_inflight_batches = num(v)?.clamp(1, 1024) as usize,
+                "inflight_reads" => config.max_inflight_reads = num(v)?.clamp(1, 1024) as usize,
                 other => return Err(bad(&format!("unknown option {other:?}"))),
             }
         }
@@ -206,6 +242,23 @@ mod tests {
         assert_eq!(c.consistency, Consistency::One);
         assert_eq!(c.datacenter.as_deref(), Some("dc1"));
         assert_eq!(c.replication_factor, 3);
+        assert_eq!(c.max_batch_bytes, DEFAULT_MAX_BATCH_BYTES);
+        assert_eq!(c.max_inflight_reads, DEFAULT_MAX_INFLIGHT_READS);
+        let StoreUrl::Cql(c) =
+            "cql://127.0.0.1:9042/settle?batch_statements=50&batch_bytes=3000&inflight_reads=8"
+                .parse::<StoreUrl>()
+                .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                c.max_statements_per_batch,
+                c.max_batch_bytes,
+                c.max_inflight_reads
+            ),
+            (50, 3000, 8)
+        );
     }
 
     #[test]
@@ -219,6 +272,8 @@ mod tests {
             "cql://127.0.0.1:9042/bad-name",
             "cql://127.0.0.1:9042/ks?consistency=two",
             "cql://127.0.0.1:9042/ks?nope=1",
+            "cql://127.0.0.1:9042/ks?batch_bytes=4k",
+            "cql://127.0.0.1:9042/ks?inflight_reads=",
         ] {
             let err = bad.parse::<StoreUrl>().unwrap_err();
             assert!(matches!(err, LedgerError::BadUrl { .. }), "{bad}: {err}");
