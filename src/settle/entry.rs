@@ -194,12 +194,13 @@ impl<'a> RowDeltas<'a> {
     }
 }
 
-/// An asset code held inline, so that a cache lookup never allocates.
+/// An asset name packed into one integer (its bytes, zero-padded), so that a cache lookup never
+/// allocates and compares two integers. Injective: validated names are 1 to
+/// `MAX_ASSET_LEN_BYTES` upper-case letters or digits, never a zero byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct AssetCode {
-    len: u8,
-    bytes: [u8; MAX_ASSET_LEN_BYTES],
-}
+struct AssetCode(u128);
+
+const _: () = assert!(MAX_ASSET_LEN_BYTES == 16, "an asset name fits a u128");
 
 impl AssetCode {
     fn new(asset: &str) -> AssetCode {
@@ -208,12 +209,13 @@ impl AssetCode {
             asset.len() <= MAX_ASSET_LEN_BYTES,
             "asset names are validated to at most {MAX_ASSET_LEN_BYTES} bytes"
         );
+        debug_assert!(
+            !asset.bytes().any(|b| b == 0),
+            "asset names have no zero byte"
+        );
         let mut bytes = [0u8; MAX_ASSET_LEN_BYTES];
         bytes[..asset.len()].copy_from_slice(asset.as_bytes());
-        AssetCode {
-            len: asset.len() as u8,
-            bytes,
-        }
+        AssetCode(u128::from_le_bytes(bytes))
     }
 }
 
@@ -351,27 +353,76 @@ impl BalanceCache {
     }
 
     /// Computes the entry for `event` and updates the cache, or refuses the event (a withdrawal
-    /// above the balance, an overflow) leaving the cache untouched. Every row must be loaded.
+    /// above the balance, an overflow) leaving the cache untouched. Every row must be loaded
+    /// (see [`BalanceCache::try_settle`] otherwise).
     pub fn settle(&mut self, event: Event) -> Result<SettlementEntry, String> {
+        match self.try_settle(event) {
+            Settled::Entry(entry) => Ok(entry),
+            Settled::Refused(reason) => Err(reason),
+            Settled::NotLoaded(_) => panic!("rows are loaded before settling"),
+        }
+    }
+
+    /// Like [`BalanceCache::settle`], but hands the event back when one of its rows is not
+    /// cached (load the rows, e.g. [`BalanceCache::missing_rows`], and try again). One hash
+    /// lookup per row.
+    pub fn try_settle(&mut self, event: Event) -> Settled {
         let Some(deltas) = RowDeltas::of(&event) else {
-            return Err("balance arithmetic overflows 64-bit minor units".into());
+            return Settled::Refused("balance arithmetic overflows 64-bit minor units".into());
         };
-        let mut after_all = [0 as Amount; 4];
-        for (i, (user_id, asset, delta)) in deltas.as_slice().iter().enumerate() {
-            let current = self
-                .rows
-                .get(&(*user_id, AssetCode::new(asset)))
-                .expect("rows are loaded before settling")
-                .amount;
-            let key = || BalanceKey::new(*user_id, *asset);
-            let Some(after) = current.checked_add(*delta) else {
+        let rows = deltas.as_slice();
+        let outcome = match rows.len() {
+            1 => self.apply::<1>(rows, &event),
+            2 => self.apply::<2>(rows, &event),
+            3 => self.apply::<3>(rows, &event),
+            4 => self.apply::<4>(rows, &event),
+            n => unreachable!("an event touches 1 to 4 rows, not {n}"),
+        };
+        match outcome {
+            Ok(Some(after)) => {
+                let post_images = rows
+                    .iter()
+                    .zip(after)
+                    .map(|((user_id, asset, _), amount)| {
+                        (BalanceKey::new(*user_id, *asset), amount)
+                    })
+                    .collect();
+                Settled::Entry(SettlementEntry { event, post_images })
+            }
+            Ok(None) => Settled::NotLoaded(event),
+            Err(reason) => Settled::Refused(reason),
+        }
+    }
+
+    /// Applies the deltas of `N` distinct rows at once: `Ok(None)` when a row is not cached,
+    /// `Err` (nothing changed) when the event is refused, else the amounts after it (the first
+    /// `N`).
+    fn apply<const N: usize>(
+        &mut self,
+        rows: &[(UserId, &str, Amount)],
+        event: &Event,
+    ) -> Result<Option<[Amount; 4]>, String> {
+        assert_eq!(rows.len(), N);
+        let keys: [(UserId, AssetCode); N] =
+            std::array::from_fn(|i| (rows[i].0, AssetCode::new(rows[i].1)));
+        // The rows of one event are distinct (`RowDeltas` merges repeats).
+        let cached = self
+            .rows
+            .get_disjoint_mut(std::array::from_fn::<_, N, _>(|i| &keys[i]));
+        let mut after = [0 as Amount; 4];
+        for (i, row) in cached.iter().enumerate() {
+            let Some(row) = row else { return Ok(None) };
+            let (user_id, asset, delta) = rows[i];
+            let current = row.amount;
+            let key = || BalanceKey::new(user_id, asset);
+            let Some(amount) = current.checked_add(delta) else {
                 return Err(format!(
                     "balance of {} would overflow ({current} + {delta})",
                     key()
                 ));
             };
-            if let Event::Movement(m) = &event {
-                if m.kind == MovementKind::Withdraw && after < 0 {
+            if let Event::Movement(m) = event {
+                if m.kind == MovementKind::Withdraw && amount < 0 {
                     return Err(format!(
                         "insufficient balance: {} has {current}, withdrawal of {} refused",
                         key(),
@@ -379,21 +430,26 @@ impl BalanceCache {
                     ));
                 }
             }
-            after_all[i] = after;
+            after[i] = amount;
         }
-        let mut post_images = Vec::with_capacity(deltas.len);
-        for (i, (user_id, asset, _)) in deltas.as_slice().iter().enumerate() {
-            self.rows.insert(
-                (*user_id, AssetCode::new(asset)),
-                CachedRow {
-                    amount: after_all[i],
-                    batch: self.batch,
-                },
-            );
-            post_images.push((BalanceKey::new(*user_id, *asset), after_all[i]));
+        for (row, amount) in cached.into_iter().zip(after) {
+            let row = row.expect("checked above");
+            row.amount = amount;
+            row.batch = self.batch;
         }
-        Ok(SettlementEntry { event, post_images })
+        Ok(Some(after))
     }
+}
+
+/// What [`BalanceCache::try_settle`] did with an event.
+#[derive(Debug)]
+pub enum Settled {
+    /// Settled: the cache holds the rows' new amounts.
+    Entry(SettlementEntry),
+    /// Refused (a withdrawal above the balance, an overflow), with the reason; cache untouched.
+    Refused(String),
+    /// A row of the event is not cached: load it and try again; cache untouched.
+    NotLoaded(Event),
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::entry::{into_event_row, BalanceCache, SettlementEntry, DEFAULT_CACHE_ROWS};
+use super::entry::{into_event_row, BalanceCache, Settled, SettlementEntry, DEFAULT_CACHE_ROWS};
 use super::event::{parse_event, Event, Rejection};
 use super::SettleError;
 use crate::ledger::{Amount, BalanceKey, BalanceWrite, EntryWrites, Ledger};
@@ -432,30 +432,37 @@ impl Pipeline {
         if evicted > 0 {
             metrics::counter!("settlement_cache_evicted_rows_total").increment(evicted as u64);
         }
-        let missing = self.cache.missing_rows(events.iter().map(|(e, _)| e));
-        if !missing.is_empty() {
-            let rows = self.ledger.read_balances(&missing).await?;
-            for (key, row) in missing.into_iter().zip(rows) {
-                self.cache.load(key, row.map_or(0, |r| r.amount));
-            }
-        }
-        metrics::gauge!("settlement_cache_rows").set(self.cache.len() as f64);
         let batch = self.next_batch;
         self.cache.begin_batch(batch);
         let mut settled: Vec<SettlementEntry> = Vec::with_capacity(events.len());
-        for (event, bytes) in events {
+        let mut queue: std::collections::VecDeque<(Event, Vec<u8>)> = events.into();
+        let mut loaded = false;
+        while let Some((event, bytes)) = queue.pop_front() {
             let seq = event.output_sequence();
-            match self.cache.settle(event) {
-                Ok(entry) => settled.push(entry),
-                Err(reason) => {
+            match self.cache.try_settle(event) {
+                Settled::Entry(entry) => settled.push(entry),
+                Settled::Refused(reason) => {
                     let rejection = Rejection {
                         output_sequence: Some(seq),
                         reason,
                     };
                     self.reject(&bytes, &rejection)?;
                 }
+                Settled::NotLoaded(event) => {
+                    // Load every row the rest of the batch lacks, once: nothing is forgotten
+                    // during a batch, so every later event finds its rows.
+                    assert!(!loaded, "the rows of the whole batch were loaded");
+                    loaded = true;
+                    queue.push_front((event, bytes));
+                    let missing = self.cache.missing_rows(queue.iter().map(|(e, _)| e));
+                    let rows = self.ledger.read_balances(&missing).await?;
+                    for (key, row) in missing.into_iter().zip(rows) {
+                        self.cache.load(key, row.map_or(0, |r| r.amount));
+                    }
+                }
             }
         }
+        metrics::gauge!("settlement_cache_rows").set(self.cache.len() as f64);
         if settled.is_empty() {
             return Ok(None);
         }
