@@ -204,7 +204,7 @@ struct DurableBatch {
 
 /// Per-row coalescing: every entry keeps its event row; of the balance rows touched several
 /// times in the batch only the newest post-image is written, with the newest entry's LSN.
-fn coalesce(entries: Vec<(Lsn, SettlementEntry)>) -> Vec<EntryWrites> {
+pub fn coalesce(entries: Vec<(Lsn, SettlementEntry)>) -> Vec<EntryWrites> {
     let mut rows: HashMap<BalanceKey, (Amount, Lsn), foldhash::fast::RandomState> =
         HashMap::with_capacity_and_hasher(entries.len() * 2, Default::default());
     let mut writes = Vec::with_capacity(entries.len() + 1);
