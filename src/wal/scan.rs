@@ -60,21 +60,30 @@ pub(crate) struct SegmentScan {
     pub(crate) dirty_end: usize,
 }
 
-/// Bytes the recovery scan reads per `pread` (its window onto a segment, reused from refill to
-/// refill). Large enough that the syscall cost disappears, small enough to stay in the CPU
-/// caches between the copy and the checksum.
+/// Bytes the recovery scan reads per `pread` (its window onto a segment, one reused buffer).
+/// Large enough that syscalls cost nothing; larger buffers measured no faster.
 pub const SCAN_CHUNK_BYTES: usize = 1 << 20;
 
+/// Room at the front of the window buffer of a segment larger than one chunk: the unconsumed
+/// tail of the previous window (less than one record) is moved there at a refill, so no byte is
+/// read twice.
+const KEEP_BYTES: usize = MAX_RECORD_SIZE_BYTES;
+
 /// A forward-moving window onto a segment's bytes, read through [`WalFs::read_at`] into one
-/// reused buffer of about [`SCAN_CHUNK_BYTES`] (plus [`MAX_RECORD_SIZE_BYTES`] at most).
+/// reused buffer: `KEEP_BYTES + SCAN_CHUNK_BYTES`, or just the file's length when it fits in
+/// one chunk (then the first read reaches the end and there is never a refill).
 pub(crate) struct SegmentReader<'a> {
     fs: &'a dyn WalFs,
     segment: &'a Segment,
     /// Bytes readable in the file.
     len: usize,
-    /// File offset of `buf[0]`.
-    base: usize,
+    /// Where chunks are read into `buf` (room before it for a kept tail).
+    front: usize,
+    /// The window: `buf[start..end]` holds the file's bytes from offset `base` on.
     buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    base: usize,
 }
 
 impl<'a> SegmentReader<'a> {
@@ -83,28 +92,62 @@ impl<'a> SegmentReader<'a> {
             fs,
             segment,
             len: segment.len_bytes,
-            base: 0,
+            front: if segment.len_bytes > SCAN_CHUNK_BYTES {
+                KEEP_BYTES
+            } else {
+                0
+            },
             buf: Vec::new(),
+            start: 0,
+            end: 0,
+            base: 0,
         }
     }
 
-    /// Makes `offset..min(offset + want_bytes, len)` readable and returns the window with
-    /// `offset`'s position in it. The window always reaches at least that far, and runs to the
-    /// end of the file when it ends before `offset + want_bytes`, so a record decoded at
-    /// `offset` with `want_bytes >= MAX_RECORD_SIZE_BYTES` sees the same bytes as in the file.
+    /// Makes `offset..min(offset + want_bytes, len)` readable (`want_bytes` at most
+    /// [`SCAN_CHUNK_BYTES`]) and returns the window with `offset`'s position in it. The window
+    /// always reaches at least that far, and runs to the end of the file when it ends before
+    /// `offset + want_bytes`, so a record decoded at `offset` with `want_bytes >=
+    /// MAX_RECORD_SIZE_BYTES` sees the same bytes as in the file.
     fn window(&mut self, offset: usize, want_bytes: usize) -> Result<(&[u8], usize)> {
+        debug_assert!(want_bytes <= SCAN_CHUNK_BYTES);
         if offset >= self.len {
             return Ok((&[], 0));
         }
-        let end = offset.saturating_add(want_bytes).min(self.len);
-        if offset < self.base || end > self.base + self.buf.len() {
-            let read_len = SCAN_CHUNK_BYTES.max(want_bytes).min(self.len - offset);
-            self.buf.resize(read_len, 0);
-            self.base = offset;
-            self.segment
-                .read_exact(self.fs, "scanning segment", offset, &mut self.buf)?;
+        let need_end = offset.saturating_add(want_bytes).min(self.len);
+        let window_end = self.base + (self.end - self.start);
+        if offset < self.base || need_end > window_end {
+            // What is left of the window from `offset` on (less than one record: the scan
+            // refills as soon as a record might not fit) moves to the front, not read again.
+            let keep = if offset >= self.base
+                && offset < window_end
+                && window_end - offset <= self.front
+            {
+                window_end - offset
+            } else {
+                0
+            };
+            let front = self.front;
+            if self.buf.is_empty() {
+                self.buf = vec![0; front + SCAN_CHUNK_BYTES.min(self.len)];
+            }
+            if keep > 0 {
+                let from = self.start + (offset - self.base);
+                self.buf.copy_within(from..from + keep, front - keep);
+            }
+            // Invalid until the read succeeded.
+            (self.start, self.end, self.base) = (0, 0, 0);
+            let read_from = offset + keep;
+            let n = SCAN_CHUNK_BYTES.min(self.len - read_from);
+            self.segment.read_exact(
+                self.fs,
+                "scanning segment",
+                read_from,
+                &mut self.buf[front..front + n],
+            )?;
+            (self.start, self.end, self.base) = (front - keep, front + n, offset);
         }
-        Ok((&self.buf, offset - self.base))
+        Ok((&self.buf[self.start..self.end], offset - self.base))
     }
 }
 
@@ -117,7 +160,7 @@ pub(crate) fn scan_segment(
     is_newest: bool,
     visit: &mut dyn FnMut(&RecordView<'_>) -> std::result::Result<(), String>,
 ) -> Result<SegmentScan> {
-    let mut reader = SegmentReader::new(fs, segment);
+    let reader = &mut SegmentReader::new(fs, segment);
     let mut offset = SEGMENT_HEADER_SIZE_BYTES;
     let mut expected = segment.header.first_lsn;
     let mut records = 0u64;
@@ -163,10 +206,10 @@ pub(crate) fn scan_segment(
                 if !is_newest {
                     return Ok(scan_result(offset, expected, records));
                 }
-                return Ok(match first_non_zero(&mut reader, offset)? {
+                return Ok(match first_non_zero(reader, offset)? {
                     None => scan_result(offset, expected, records),
                     Some(at) => classify_bad(
-                        &mut reader,
+                        reader,
                         is_newest,
                         offset,
                         expected,
@@ -177,7 +220,7 @@ pub(crate) fn scan_segment(
             }
             Decoded::Invalid(e) => {
                 let reason = e.to_string();
-                return classify_bad(&mut reader, is_newest, offset, expected, reason, records);
+                return classify_bad(reader, is_newest, offset, expected, reason, records);
             }
         }
     }
@@ -260,7 +303,8 @@ fn find_valid_record_after(
 fn first_non_zero(reader: &mut SegmentReader<'_>, from: usize) -> Result<Option<usize>> {
     let mut at = from;
     while at < reader.len {
-        let (window, i) = reader.window(at, SCAN_CHUNK_BYTES)?;
+        // Whatever the window holds from `at` on; the next call continues where it ends.
+        let (window, i) = reader.window(at, 1)?;
         let chunk = &window[i..];
         if let Some(j) = first_non_zero_in(chunk) {
             return Ok(Some(at + j));
@@ -275,7 +319,8 @@ fn last_non_zero(reader: &mut SegmentReader<'_>, from: usize) -> Result<Option<u
     let mut at = from;
     let mut last = None;
     while at < reader.len {
-        let (window, i) = reader.window(at, SCAN_CHUNK_BYTES)?;
+        // Whatever the window holds from `at` on; the next call continues where it ends.
+        let (window, i) = reader.window(at, 1)?;
         let chunk = &window[i..];
         if let Some(j) = chunk.iter().rposition(|&b| b != 0) {
             last = Some(at + j);
