@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! source -(queue)-> parser -(queue)-> settle loop -(queue)-> syncer -(queue: inflight)-> applier
-//!                   parse and         dedup, cache,           1 WAL sync per batch,     ledger.apply
-//!                   validate          encode, WAL append      coalesce rows             (x inflight),
+//!                   parse and         dedup, cache,           1 WAL sync per batch      coalesce rows,
+//!                   validate          encode, WAL append                                ledger.apply
+//!                                                                                       (x inflight),
 //!                                                                                       markers,
 //!                                                                                       checkpoints
 //! ```
@@ -197,7 +198,8 @@ struct DurableBatch {
     batch: u64,
     first_lsn: Lsn,
     last_lsn: Lsn,
-    writes: Vec<EntryWrites>,
+    /// The batch's entries with their LSNs (coalesced into store writes by the apply task).
+    entries: Vec<(Lsn, SettlementEntry)>,
     events: u64,
     started: Instant,
 }
@@ -560,7 +562,7 @@ async fn parse_loop(mut source: mpsc::Receiver<Message>, out: mpsc::Sender<Vec<P
 
 /// The syncer (its own thread): one WAL sync per appended batch (P1: nothing reaches the store
 /// before its entries are durable; a sync also covers whatever was appended after the batch),
-/// then per-row coalescing, then on to the applier.
+/// then on to the applier (whose apply tasks coalesce the rows, on the runtime's workers).
 fn sync_loop(
     wal: Arc<Wal>,
     mut batches: mpsc::Receiver<AppendedBatch>,
@@ -584,7 +586,7 @@ fn sync_loop(
             batch: b.batch,
             first_lsn: b.first_lsn,
             last_lsn: b.last_lsn,
-            writes: coalesce(entries),
+            entries,
             events,
             started: b.started,
         };
@@ -649,7 +651,8 @@ async fn apply_loop(
                     Some(b) => {
                         let ledger = ledger.clone();
                         running.spawn(async move {
-                            ledger.apply(&b.writes).await.map_err(|e| SettleError::Store {
+                            let writes = coalesce(b.entries);
+                            ledger.apply(&writes).await.map_err(|e| SettleError::Store {
                                 first_lsn: b.first_lsn,
                                 last_lsn: b.last_lsn,
                                 source: e,
