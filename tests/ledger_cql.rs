@@ -97,6 +97,24 @@ async fn cql_store_passes_the_conformance_suite() {
     drop_keyspace(&ledger, &keyspace).await;
 }
 
+/// Bulk event lookups give the same answers whatever their shape: one single-partition read
+/// per key, or `IN` queries of a few keys (chunks that end mid-table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_lookups_agree_for_every_query_shape() {
+    let Some((ledger, keyspace)) = connect_or_skip("lookups").await else {
+        return;
+    };
+    for (i, (keys_per_read, inflight_reads)) in [(1, 16), (7, 3), (1000, 1)].into_iter().enumerate()
+    {
+        let mut config = config_for(&keyspace);
+        config.max_keys_per_read = keys_per_read;
+        config.max_inflight_reads = inflight_reads;
+        let ledger = CqlLedger::connect(config).await.unwrap();
+        conformance::bulk_event_lookups(&ledger, 10_000_000 * (i as u64 + 1)).await;
+    }
+    drop_keyspace(&ledger, &keyspace).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_creation_is_idempotent_and_versioned() {
     let Some((first, keyspace)) = connect_or_skip("schema").await else {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use url::{
     Consistency, CqlConfig, StoreUrl, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_INFLIGHT_READS,
-    MAX_BATCH_BYTES_LIMIT,
+    DEFAULT_MAX_KEYS_PER_READ, MAX_BATCH_BYTES_LIMIT, MAX_KEYS_PER_READ,
 };
 
 use crate::wal::Lsn;

@@ -13,7 +13,8 @@
 //! | `batch_statements` | most statements per UNLOGGED batch (1 to 1000) | 20 |
 //! | `batch_bytes` | most estimated bytes per UNLOGGED batch, as Cassandra counts them for its batch-size warning (1 to 1 MiB) | 4096 |
 //! | `inflight` | batches in flight at once per apply (1 to 1024) | 16 |
-//! | `inflight_reads` | reads in flight at once in a bulk read (recovery's lookups, balance reads; 1 to 1024) | 64 |
+//! | `inflight_reads` | reads in flight at once in a bulk read (recovery's lookups, balance reads; 1 to 1024) | 16 |
+//! | `keys_per_read` | most keys per `IN` query of a bulk event lookup (1: one single-partition read per key; 1 to 1000) | 100 |
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -30,7 +31,12 @@ pub const DEFAULT_MAX_BATCH_BYTES: usize = 4 * 1024;
 /// Largest `batch_bytes=` accepted (1 MiB; Cassandra's default failure threshold is 50 KiB).
 pub const MAX_BATCH_BYTES_LIMIT: usize = 1024 * 1024;
 /// Default reads in flight at once in one bulk read.
-pub const DEFAULT_MAX_INFLIGHT_READS: usize = 64;
+pub const DEFAULT_MAX_INFLIGHT_READS: usize = 16;
+/// Default keys per `IN` query of a bulk event lookup. On the 2-core test node 100-key queries
+/// looked up 17,000 trades 3-4 times faster than single-key reads with 64 in flight.
+pub const DEFAULT_MAX_KEYS_PER_READ: usize = 100;
+/// Largest `keys_per_read=` accepted.
+pub const MAX_KEYS_PER_READ: usize = 1000;
 
 /// Consistency level for CQL reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +97,10 @@ pub struct CqlConfig {
     /// Reads in flight at once in one bulk read (`Ledger::event_lsns`, `read_balances`;
     /// `inflight_reads=`, 1 to 1024; default [`DEFAULT_MAX_INFLIGHT_READS`]).
     pub max_inflight_reads: usize,
+    /// Most keys per `IN` query of `Ledger::event_lsns` (`keys_per_read=`, 1 to
+    /// [`MAX_KEYS_PER_READ`]; default [`DEFAULT_MAX_KEYS_PER_READ`]); 1 makes one token-aware
+    /// single-partition read per key.
+    pub max_keys_per_read: usize,
     /// Never create or alter the schema, refuse writes (inspection tools); not a URL option.
     pub read_only: bool,
 }
@@ -111,6 +121,7 @@ impl CqlConfig {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_inflight_batches: 16,
             max_inflight_reads: DEFAULT_MAX_INFLIGHT_READS,
+            max_keys_per_read: DEFAULT_MAX_KEYS_PER_READ,
             read_only: false,
         }
     }
@@ -213,6 +224,9 @@ impl FromStr for StoreUrl {
                 }
                 "inflight" => config.max_inflight_batches = num(v)?.clamp(1, 1024) as usize,
                 "inflight_reads" => config.max_inflight_reads = num(v)?.clamp(1, 1024) as usize,
+                "keys_per_read" => {
+                    config.max_keys_per_read = num(v)?.clamp(1, MAX_KEYS_PER_READ as u64) as usize
+                }
                 other => return Err(bad(&format!("unknown option {other:?}"))),
             }
         }
@@ -245,7 +259,7 @@ mod tests {
         assert_eq!(c.max_batch_bytes, DEFAULT_MAX_BATCH_BYTES);
         assert_eq!(c.max_inflight_reads, DEFAULT_MAX_INFLIGHT_READS);
         let StoreUrl::Cql(c) =
-            "cql://127.0.0.1:9042/settle?batch_statements=50&batch_bytes=3000&inflight_reads=8"
+            "cql://127.0.0.1:9042/settle?batch_statements=50&batch_bytes=3000&inflight_reads=8&keys_per_read=5000"
                 .parse::<StoreUrl>()
                 .unwrap()
         else {
@@ -255,9 +269,10 @@ mod tests {
             (
                 c.max_statements_per_batch,
                 c.max_batch_bytes,
-                c.max_inflight_reads
+                c.max_inflight_reads,
+                c.max_keys_per_read
             ),
-            (50, 3000, 8)
+            (50, 3000, 8, MAX_KEYS_PER_READ)
         );
     }
 
