@@ -10,7 +10,7 @@ use std::sync::Arc;
 use settlement_wal::ledger::cql::CqlLedger;
 use settlement_wal::ledger::embedded::EmbeddedLedger;
 use settlement_wal::ledger::{
-    BalanceKey, BalanceRow, BalanceWrite, EntryWrites, Ledger, LedgerError, StoreUrl,
+    coalesce, BalanceKey, BalanceRow, BalanceWrite, EntryWrites, Ledger, LedgerError, StoreUrl,
 };
 use settlement_wal::settle::entry::{BalanceCache, SettlementEntry};
 use settlement_wal::settle::event::parse_event;
@@ -112,6 +112,7 @@ async fn recovery_classifies_each_entry_and_resends_only_what_is_missing() {
     );
     // Entry 4 wrote user 1 USDT: entry 1's and the trade's rows for it are superseded.
     assert_eq!(r.superseded_rows, 2);
+    assert!(r.written_rows <= r.resent_rows, "{r:?}");
     assert_eq!(settlement.last_output_sequence(), Some(5));
     drop(settlement);
     // Everything landed once; a second start has nothing to do.
@@ -225,8 +226,9 @@ fn recover_only_runs_recovery_and_exits() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Recovery on the real Cassandra node (`tools/cassandra start`): a WAL left by a kill with many
-// batches in flight (some applied without their markers, some partly, most not at all).
+// A WAL left by a kill with many batches in flight (some applied without their markers, some
+// partly, most not at all), recovered on the embedded store and on the real Cassandra node
+// (`tools/cassandra start`).
 
 const NODE: &str = "127.0.0.1:9042";
 
@@ -243,7 +245,8 @@ async fn cql_or_skip(tag: &str) -> Option<(Arc<CqlLedger>, String)> {
         .as_nanos()
         % 1_000_000_000_000;
     let keyspace = format!("settle_rec_{tag}_{}_{nanos}", std::process::id());
-    let url = format!("cql://{NODE}/{keyspace}?consistency=one");
+    let extra = std::env::var("RECOVERY_BENCH_OPTIONS").unwrap_or_default();
+    let url = format!("cql://{NODE}/{keyspace}?consistency=one{extra}");
     let StoreUrl::Cql(config) = url.parse::<StoreUrl>().unwrap() else {
         unreachable!()
     };
@@ -264,29 +267,8 @@ async fn cql_or_skip(tag: &str) -> Option<(Arc<CqlLedger>, String)> {
 /// The pipeline's per-row coalescing of one micro-batch: every event row first, then the newest
 /// post-image of each balance row it touches (`coalesce` in `src/settle/pipeline.rs`).
 fn pipeline_writes(entries: &[(u64, SettlementEntry)]) -> Vec<EntryWrites> {
-    let mut rows = std::collections::BTreeMap::new();
-    let mut out: Vec<EntryWrites> = entries
-        .iter()
-        .map(|(lsn, e)| {
-            for (k, amount) in &e.post_images {
-                rows.insert(k.clone(), (*amount, *lsn));
-            }
-            EntryWrites {
-                lsn: *lsn,
-                event: Some(e.event_row(*lsn)),
-                balances: Vec::new(),
-            }
-        })
-        .collect();
-    out.push(EntryWrites {
-        lsn: entries.last().unwrap().0,
-        event: None,
-        balances: rows
-            .into_iter()
-            .map(|(key, (amount, lsn))| BalanceWrite { key, amount, lsn })
-            .collect(),
-    });
-    out
+    let writes: Vec<EntryWrites> = entries.iter().map(|(lsn, e)| e.writes(*lsn)).collect();
+    coalesce(&writes)
 }
 
 /// What a kill leaves behind: `entries` trades (after a deposit of every asset for 100 users)
@@ -368,19 +350,25 @@ async fn killed_run(
     (wal, model, numbered.len())
 }
 
-/// Recovery on the node leaves exactly the model's balances, every trade once, and nothing
-/// pending; a second start finds nothing to do.
-async fn recover_killed_run_on_cql(entries: usize) -> Option<(RecoveryReport, u64)> {
-    let (ledger, keyspace) = cql_or_skip("kill").await?;
+/// Recovery of [`killed_run`] leaves exactly the model's balances, every event once, nothing
+/// pending, each balance row written once; a second start finds nothing to do. Unless `measure`
+/// it first makes a dry-run `plan` and checks that recovery did what it listed (a measurement
+/// leaves it out, so that recovery's reads are the first ones).
+async fn recover_killed_run(
+    ledger: Arc<dyn Ledger>,
+    entries: usize,
+    measure: bool,
+) -> RecoveryReport {
     let tmp = common::temp_dir();
     let wal_dir = tmp.path().join("wal");
     let (wal, model, events) = killed_run(&wal_dir, &*ledger, entries).await;
     let pending = wal.pending().unwrap();
     assert_eq!(pending.len(), events);
-    let t0 = std::time::Instant::now();
-    let plans = plan(&*ledger, &pending).await.unwrap();
-    let plan_ms = t0.elapsed().as_millis() as u64;
-    assert_eq!(plans.len(), events);
+    let plans = if measure {
+        Vec::new()
+    } else {
+        plan(&*ledger, &pending).await.unwrap()
+    };
     drop(pending);
     let report = recover(&wal, &*ledger, false).await.unwrap();
     assert_eq!(report.pending, events);
@@ -389,6 +377,25 @@ async fn recover_killed_run_on_cql(entries: usize) -> Option<(RecoveryReport, u6
         report.applied > 0 && report.partial > 0 && report.missing > 0,
         "{report:?}"
     );
+    if !measure {
+        let count = |c: EntryClass| plans.iter().filter(|p| p.class == c).count();
+        assert_eq!(
+            (report.applied, report.partial, report.missing),
+            (
+                count(EntryClass::Applied),
+                count(EntryClass::Partial),
+                count(EntryClass::Missing)
+            )
+        );
+        assert_eq!(
+            report.resent_rows,
+            plans.iter().map(|p| p.resend.row_count()).sum::<usize>()
+        );
+        // Each missing event row once, each balance row (100 users x 3 assets at most) once.
+        let missing_events = plans.iter().filter(|p| p.resend.event.is_some()).count();
+        assert!(report.written_rows <= missing_events + 300, "{report:?}");
+    }
+    assert!(report.written_rows < report.resent_rows, "{report:?}");
     assert!(wal.pending().unwrap().is_empty());
     let stored: std::collections::BTreeMap<BalanceKey, i64> = ledger
         .scan_balances()
@@ -414,7 +421,12 @@ async fn recover_killed_run_on_cql(entries: usize) -> Option<(RecoveryReport, u6
         .await
         .unwrap();
     assert_eq!(again.recovery().pending, 0);
-    drop(again);
+    report
+}
+
+async fn recover_killed_run_on_cql(entries: usize, measure: bool) -> Option<RecoveryReport> {
+    let (ledger, keyspace) = cql_or_skip("kill").await?;
+    let report = recover_killed_run(ledger.clone(), entries, measure).await;
     if let Err(e) = ledger
         .session()
         .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
@@ -422,17 +434,25 @@ async fn recover_killed_run_on_cql(entries: usize) -> Option<(RecoveryReport, u6
     {
         eprintln!("note: could not drop keyspace {keyspace}: {e}");
     }
-    Some((report, plan_ms))
+    Some(report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_after_a_kill_with_batches_in_flight() {
+    let tmp = common::temp_dir();
+    let ledger = Arc::new(EmbeddedLedger::open(&tmp.path().join("l.redb")).unwrap());
+    recover_killed_run(ledger, 3000, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_on_cql_after_a_kill_with_batches_in_flight() {
-    recover_killed_run_on_cql(3000).await;
+    recover_killed_run_on_cql(3000, false).await;
 }
 
 /// Recovery throughput on the node (prints entries/s; no timing is asserted):
 /// `cargo test --release --test settle_recovery recovery_throughput_on_cql -- --ignored --nocapture`
-/// (`RECOVERY_BENCH_ENTRIES`, default 16,800: about what a kill leaves with the defaults).
+/// (`RECOVERY_BENCH_ENTRIES`, default 16,800: about what a kill leaves with the defaults;
+/// `RECOVERY_BENCH_OPTIONS` is appended to the store URL, e.g. `&inflight_reads=16`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: run it with --ignored --nocapture"]
 async fn recovery_throughput_on_cql() {
@@ -440,22 +460,24 @@ async fn recovery_throughput_on_cql() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(16_800);
-    let Some((r, plan_ms)) = recover_killed_run_on_cql(entries).await else {
+    let Some(r) = recover_killed_run_on_cql(entries, true).await else {
         return;
     };
     let per_s = |ms: u64| r.pending as f64 * 1000.0 / ms.max(1) as f64;
     eprintln!(
         "recovery on {NODE}: {} pending entries ({} applied, {} partial, {} missing; {} rows \
-         re-sent, {} superseded): classification alone {plan_ms} ms ({:.0} entries/s), \
-         recovery {} ms ({:.0} entries/s)",
+         re-sent in {} writes, {} superseded): {} ms, {:.0} entries/s (classification {} ms, \
+         {:.0} entries/s)",
         r.pending,
         r.applied,
         r.partial,
         r.missing,
         r.resent_rows,
+        r.written_rows,
         r.superseded_rows,
-        per_s(plan_ms),
         r.duration_ms,
         per_s(r.duration_ms),
+        r.plan_ms,
+        per_s(r.plan_ms),
     );
 }

@@ -4,22 +4,45 @@
 //! Per row, comparing the row's `last_lsn` with the entry's LSN `n`:
 //! `< n` (or no row) missing; `= n` with the expected amount applied; `> n` superseded by a newer
 //! entry; `= n` with another amount diverged (reported, never overwritten silently).
+//!
+//! Reads are in bulk: every event row's LSN through [`Ledger::event_lsns`] (the CQL store keeps
+//! `inflight_reads` point reads in flight), and every distinct balance row once through
+//! [`Ledger::read_balances`], however many entries touch it; the store does not change while
+//! the plan is made, so every entry is classified against the same state as if it had been read
+//! alone. The missing rows are re-sent the way the pipeline sends a micro-batch
+//! ([`crate::ledger::coalesce`]: event rows, then each balance row once with its newest missing
+//! post-image), in applies of at most [`RECOVERY_APPLY_ROWS`] rows, at most
+//! [`RECOVERY_INFLIGHT_APPLIES`] at once. Leaving out an older post-image of a row that a newer
+//! one overwrites anyway changes nothing in the store (last write wins by LSN, P4), and if the
+//! process dies half-way the next recovery classifies those entries again: their rows are then
+//! superseded or applied.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
-use futures::stream::{self, StreamExt};
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 
 use super::entry::SettlementEntry;
 use super::event::Event;
 use super::SettleError;
-use crate::ledger::{BalanceKey, BalanceWrite, EntryWrites, EventRow, Ledger};
+use crate::ledger::{
+    coalesce, BalanceKey, BalanceRow, BalanceWrite, EntryWrites, EventKey, EventRow, Ledger,
+    LedgerError, MAX_LOOKUP_KEYS,
+};
 use crate::wal::{Lsn, PendingEntry, Wal};
 
-/// Pending entries classified per round trip to the store.
-const RECOVERY_CHUNK_ENTRIES: usize = 1000;
-/// Concurrent existence checks.
-const RECOVERY_CONCURRENCY: usize = 32;
+/// Keys per bulk read (`event_lsns`, `read_balances`): bounds one call, not the concurrency
+/// (the store's own in-flight limit does that).
+pub const RECOVERY_LOOKUP_KEYS: usize = 4096;
+/// Most row writes per `apply` when re-sending (about one pipeline micro-batch: 1000 trades'
+/// event rows plus their coalesced balance rows).
+pub const RECOVERY_APPLY_ROWS: usize = 2000;
+/// Most re-send applies in flight at once (the pipeline's default `--inflight`).
+pub const RECOVERY_INFLIGHT_APPLIES: usize = 8;
+
+const _: () = assert!(RECOVERY_LOOKUP_KEYS <= MAX_LOOKUP_KEYS);
+const _: () = assert!(RECOVERY_APPLY_ROWS <= crate::ledger::MAX_APPLY_ROWS);
 
 /// How one row of a pending entry stands in the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -93,8 +116,13 @@ pub struct RecoveryReport {
     pub diverged: usize,
     /// Rows found superseded by newer entries.
     pub superseded_rows: usize,
-    /// Rows re-sent.
+    /// Rows found missing and re-sent (per entry, as `wal-inspect plan` lists them).
     pub resent_rows: usize,
+    /// Row writes sent for them: each balance row once, with its newest missing post-image
+    /// (an older one would be overwritten by it anyway).
+    pub written_rows: usize,
+    /// Wall time of the classification (the reads), part of `duration_ms`.
+    pub plan_ms: u64,
     /// Wall time.
     pub duration_ms: u64,
 }
@@ -105,48 +133,154 @@ pub async fn plan(
     ledger: &dyn Ledger,
     pending: &[PendingEntry],
 ) -> Result<Vec<EntryPlan>, SettleError> {
-    let mut plans = Vec::with_capacity(pending.len());
-    for chunk in pending.chunks(RECOVERY_CHUNK_ENTRIES) {
-        let decoded: Vec<(Lsn, SettlementEntry)> = chunk
-            .iter()
-            .map(|p| {
-                SettlementEntry::decode(&p.payload)
-                    .map(|e| (p.lsn, e))
-                    .map_err(|reason| SettleError::BadEntry { lsn: p.lsn, reason })
-            })
-            .collect::<Result<_, _>>()?;
-        // Owned ids (not borrows of `decoded`) keep the future `Send` for any caller.
-        let lookups: Vec<(bool, u64)> = decoded
-            .iter()
-            .map(|(_, e)| match &e.event {
-                Event::Trade(t) => (true, t.trade_id),
-                Event::Movement(m) => (false, m.output_sequence),
-            })
-            .collect();
-        let event_lsns: Vec<Option<Lsn>> = stream::iter(lookups)
-            .map(|(is_trade, id)| async move {
-                if is_trade {
-                    ledger.trade_lsn(id).await
-                } else {
-                    ledger.movement_lsn(id).await
+    let decoded: Vec<(Lsn, SettlementEntry)> = pending
+        .iter()
+        .map(|p| {
+            SettlementEntry::decode(&p.payload)
+                .map(|e| (p.lsn, e))
+                .map_err(|reason| SettleError::BadEntry { lsn: p.lsn, reason })
+        })
+        .collect::<Result<_, _>>()?;
+    let event_keys: Vec<EventKey> = decoded
+        .iter()
+        .map(|(_, e)| match &e.event {
+            Event::Trade(t) => EventKey::Trade(t.trade_id),
+            Event::Movement(m) => EventKey::Movement(m.output_sequence),
+        })
+        .collect();
+    let mut balance_keys: Vec<BalanceKey> = decoded
+        .iter()
+        .flat_map(|(_, e)| e.post_images.iter().map(|(k, _)| k.clone()))
+        .collect();
+    balance_keys.sort_unstable();
+    balance_keys.dedup();
+    // Event rows and balance rows are independent reads: both at once.
+    let (event_lsns, balances) = futures::try_join!(
+        read_event_lsns(ledger, &event_keys),
+        read_balance_rows(ledger, &balance_keys),
+    )?;
+    Ok(decoded
+        .into_iter()
+        .zip(event_lsns)
+        .map(|((lsn, entry), event_lsn)| {
+            let mut rows = entry.post_images.iter().map(|(k, _)| balances[k]);
+            classify(lsn, &entry, event_lsn, &mut rows)
+        })
+        .collect())
+}
+
+/// The LSN of each event row, [`RECOVERY_LOOKUP_KEYS`] per call.
+async fn read_event_lsns(
+    ledger: &dyn Ledger,
+    keys: &[EventKey],
+) -> Result<Vec<Option<Lsn>>, SettleError> {
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(RECOVERY_LOOKUP_KEYS) {
+        let found = ledger.event_lsns(chunk).await?;
+        if found.len() != chunk.len() {
+            return Err(answer_count_error(
+                "event lookups",
+                found.len(),
+                chunk.len(),
+            ));
+        }
+        out.extend(found);
+    }
+    Ok(out)
+}
+
+/// Each (distinct) balance row, [`RECOVERY_LOOKUP_KEYS`] per call.
+async fn read_balance_rows(
+    ledger: &dyn Ledger,
+    keys: &[BalanceKey],
+) -> Result<HashMap<BalanceKey, Option<BalanceRow>>, SettleError> {
+    let mut out = HashMap::with_capacity(keys.len());
+    for chunk in keys.chunks(RECOVERY_LOOKUP_KEYS) {
+        let found = ledger.read_balances(chunk).await?;
+        if found.len() != chunk.len() {
+            return Err(answer_count_error(
+                "balance reads",
+                found.len(),
+                chunk.len(),
+            ));
+        }
+        out.extend(chunk.iter().cloned().zip(found));
+    }
+    Ok(out)
+}
+
+fn answer_count_error(what: &str, got: usize, asked: usize) -> SettleError {
+    SettleError::Ledger(LedgerError::Other(format!(
+        "the store answered {got} of {asked} {what} (a bug in the store implementation)"
+    )))
+}
+
+/// Splits writes into applies of at most `max_rows` row writes each, keeping their order; an
+/// entry's writes with more balance rows than that (the coalesced balance rows) are split too.
+fn apply_chunks(writes: Vec<EntryWrites>, max_rows: usize) -> Vec<Vec<EntryWrites>> {
+    let max_rows = max_rows.max(1);
+    let mut chunks: Vec<Vec<EntryWrites>> = Vec::new();
+    let mut current: Vec<EntryWrites> = Vec::new();
+    let mut rows = 0;
+    for mut w in writes {
+        while w.row_count() > 0 {
+            if rows == max_rows {
+                chunks.push(std::mem::take(&mut current));
+                rows = 0;
+            }
+            let room = max_rows - rows;
+            let part = if w.row_count() <= room {
+                std::mem::replace(
+                    &mut w,
+                    EntryWrites {
+                        lsn: 0,
+                        event: None,
+                        balances: Vec::new(),
+                    },
+                )
+            } else {
+                let event = w.event.take();
+                let take = room - usize::from(event.is_some());
+                EntryWrites {
+                    lsn: w.lsn,
+                    event,
+                    balances: w.balances.drain(..take).collect(),
                 }
-            })
-            .buffered(RECOVERY_CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
-        let keys: Vec<BalanceKey> = decoded
-            .iter()
-            .flat_map(|(_, e)| e.post_images.iter().map(|(k, _)| k.clone()))
-            .collect();
-        let rows = ledger.read_balances(&keys).await?;
-        let mut rows = rows.into_iter();
-        for ((lsn, entry), event_lsn) in decoded.into_iter().zip(event_lsns) {
-            plans.push(classify(lsn, &entry, event_lsn, &mut rows));
+            };
+            rows += part.row_count();
+            current.push(part);
         }
     }
-    Ok(plans)
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+/// Applies every chunk, at most [`RECOVERY_INFLIGHT_APPLIES`] at once. After an error no new
+/// apply starts, and the ones in flight are waited for (nothing of this call still writes when
+/// it returns); the first error is returned.
+async fn apply_all(ledger: &dyn Ledger, chunks: Vec<Vec<EntryWrites>>) -> Result<(), SettleError> {
+    let mut chunks = chunks.into_iter();
+    let mut running = FuturesUnordered::new();
+    let mut first_error: Option<LedgerError> = None;
+    loop {
+        while first_error.is_none() && running.len() < RECOVERY_INFLIGHT_APPLIES {
+            let Some(chunk) = chunks.next() else { break };
+            running.push(async move { ledger.apply(&chunk).await });
+        }
+        match running.next().await {
+            None => break,
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        None => Ok(()),
+        Some(e) => Err(e.into()),
+    }
 }
 
 fn classify(
@@ -241,7 +375,9 @@ pub async fn recover(
         pending = pending.len(),
         "recovery: verifying pending WAL entries against the store"
     );
+    let plan_started = Instant::now();
     let plans = plan(ledger, &pending).await?;
+    report.plan_ms = plan_started.elapsed().as_millis() as u64;
     let diverged: Vec<&EntryPlan> = plans
         .iter()
         .filter(|p| p.class == EntryClass::Diverged)
@@ -265,7 +401,7 @@ pub async fn recover(
         tracing::error!(entries = diverged.len(), report = %text, "recovery: diverged rows left as the store holds them (--accept-divergence)");
     }
     let mut resend = Vec::new();
-    for p in &plans {
+    for p in plans {
         match p.class {
             EntryClass::Applied => report.applied += 1,
             EntryClass::Partial => report.partial += 1,
@@ -279,23 +415,13 @@ pub async fn recover(
             .count();
         if p.resend.row_count() > 0 {
             report.resent_rows += p.resend.row_count();
-            resend.push(p.resend.clone());
+            resend.push(p.resend);
         }
     }
-    let mut batch = Vec::new();
-    let mut rows = 0;
-    for w in resend {
-        rows += w.row_count();
-        batch.push(w);
-        if rows >= 4000 {
-            ledger.apply(&batch).await?;
-            batch.clear();
-            rows = 0;
-        }
-    }
-    if !batch.is_empty() {
-        ledger.apply(&batch).await?;
-    }
+    let writes = coalesce(&resend);
+    drop(resend);
+    report.written_rows = writes.iter().map(EntryWrites::row_count).sum();
+    apply_all(ledger, apply_chunks(writes, RECOVERY_APPLY_ROWS)).await?;
     let first = pending.first().expect("not empty").lsn;
     let last = pending.last().expect("not empty").lsn;
     tokio::task::block_in_place(|| {
@@ -312,6 +438,8 @@ pub async fn recover(
         diverged = report.diverged,
         superseded_rows = report.superseded_rows,
         resent_rows = report.resent_rows,
+        written_rows = report.written_rows,
+        plan_ms = report.plan_ms,
         duration_ms = report.duration_ms,
         "recovery done"
     );
@@ -324,4 +452,55 @@ pub async fn recover(
     metrics::counter!("settlement_recovered_entries_total", "class" => "diverged")
         .increment(report.diverged as u64);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::conformance::{deposit_entry, trade_entry};
+
+    fn rows(writes: &[EntryWrites]) -> Vec<String> {
+        let mut out = Vec::new();
+        for w in writes {
+            if let Some(e) = &w.event {
+                out.push(e.key().to_string());
+            }
+            for b in &w.balances {
+                out.push(format!("{} {} @{}", b.key, b.amount, b.lsn));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn apply_chunks_bound_the_rows_and_keep_every_write_in_order() {
+        let entries: Vec<EntryWrites> = (0..50u64)
+            .map(|i| {
+                if i % 4 == 0 {
+                    deposit_entry(i + 1, 1000 + i, i, "ETH", 1, 1)
+                } else {
+                    trade_entry(i + 1, i, i % 9, 10 + i % 11, [1, -1, -1, 1])
+                }
+            })
+            .collect();
+        let coalesced = coalesce(&entries);
+        let all = rows(&coalesced);
+        for max_rows in [1, 2, 3, 7, 50, 51, 1000] {
+            let chunks = apply_chunks(coalesced.clone(), max_rows);
+            let flat: Vec<EntryWrites> = chunks.iter().flatten().cloned().collect();
+            assert_eq!(rows(&flat), all, "max_rows {max_rows}");
+            for c in &chunks {
+                let n: usize = c.iter().map(EntryWrites::row_count).sum();
+                assert!(n >= 1 && n <= max_rows, "{n} rows > {max_rows}");
+            }
+            // Full chunks but the last.
+            for c in &chunks[..chunks.len() - 1] {
+                assert_eq!(
+                    c.iter().map(EntryWrites::row_count).sum::<usize>(),
+                    max_rows
+                );
+            }
+        }
+        assert!(apply_chunks(Vec::new(), 10).is_empty());
+    }
 }
