@@ -31,7 +31,8 @@
 //! Run: `cargo bench --bench settle_pipeline` (node: `tools/cassandra start`).
 //! Environment: `PIPELINE_BENCH_SCALE` (default 1; shrinks trade counts and durations),
 //! `PIPELINE_BENCH_SECS` (seconds per time-bounded CQL measurement, default 6, scaled),
-//! `PIPELINE_BENCH_ONLY` (`instant` or `cql`; default both), `PIPELINE_BENCH_STAGES=0` (skip
+//! `PIPELINE_BENCH_ONLY` (`instant` or `cql`; default both), `PIPELINE_BENCH_CQL_PARAMS` (more
+//! store URL options for our pipeline's CQL store, e.g. `&batch_statements=100&batch_bytes=49152`), `PIPELINE_BENCH_STAGES=0` (skip
 //! the stage profile, e.g. under `perf record`), `PIPELINE_BENCH_NODE` (default
 //! 127.0.0.1:9042). Criterion-style arguments (`--bench`) are ignored.
 
@@ -1013,7 +1014,9 @@ fn fresh_keyspace(prefix: &str) -> String {
 }
 
 async fn connect(node: &str, keyspace: &str) -> CqlLedger {
-    let StoreUrl::Cql(config) = format!("cql://{node}/{keyspace}?consistency=one")
+    // PIPELINE_BENCH_CQL_PARAMS: more store URL options, e.g. `&batch_statements=100`.
+    let extra = std::env::var("PIPELINE_BENCH_CQL_PARAMS").unwrap_or_default();
+    let StoreUrl::Cql(config) = format!("cql://{node}/{keyspace}?consistency=one{extra}")
         .parse::<StoreUrl>()
         .expect("store url")
     else {

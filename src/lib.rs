@@ -7,10 +7,16 @@
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "settlement")]
 pub mod app;
+#[cfg(feature = "settlement")]
 pub mod ingest;
+#[cfg(feature = "settlement")]
 pub mod inspect_cli;
+#[cfg(feature = "settlement")]
 pub mod ledger;
+#[cfg(feature = "settlement")]
 pub mod observe;
+#[cfg(feature = "settlement")]
 pub mod settle;
 pub mod wal;
