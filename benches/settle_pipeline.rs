@@ -56,8 +56,8 @@ use settlement_wal::ingest::SOURCE_QUEUE_DEPTH;
 use settlement_wal::ledger::conformance::trade_entry;
 use settlement_wal::ledger::cql::CqlLedger;
 use settlement_wal::ledger::{
-    BalanceKey, BalanceRow, EntryWrites, EventKey, EventRow, Ledger, LedgerError, MovementRow, StoreUrl,
-    TradeRow,
+    BalanceKey, BalanceRow, EntryWrites, EventKey, EventRow, Ledger, LedgerError, MovementRow,
+    StoreUrl, TradeRow,
 };
 use settlement_wal::settle::entry::{BalanceCache, SettlementEntry};
 use settlement_wal::settle::event::parse_event;
