@@ -222,7 +222,7 @@ pub enum LedgerError {
     },
     /// A write's outcome is unknown (a timeout after the retries ran out). It may or may not have
     /// been applied: never treat it as either; recovery verifies it.
-    #[error("write outcome unknown after {attempts} attempts ({reason}); the entry stays pending and recovery will verify it")]
+    #[error("write outcome unknown after {attempts} attempts ({reason}): the store may or may not have applied it; verify before re-sending")]
     Unknown {
         /// Attempts made.
         attempts: u32,
