@@ -283,12 +283,19 @@ fn find_valid_record_after(
     let mut at = offset + RECORD_ALIGNMENT_BYTES;
     while at < reader.len {
         let (window, i) = reader.window(at, MAX_RECORD_SIZE_BYTES)?;
-        // Skip zero stretches quickly: a valid record header is never all zeros.
+        // Skip zero stretches in one go: a valid record header never starts with zeros (its
+        // length is not zero), so the next candidate is the aligned offset holding the next
+        // non-zero byte.
         if window[i..(i + RECORD_ALIGNMENT_BYTES).min(window.len())]
             .iter()
             .all(|&b| b == 0)
         {
-            at += RECORD_ALIGNMENT_BYTES;
+            let Some(non_zero) = first_non_zero(reader, at)? else {
+                return Ok(None);
+            };
+            let next = non_zero - non_zero % RECORD_ALIGNMENT_BYTES;
+            assert!(next > at, "a zero stretch moves the search forward");
+            at = next;
             continue;
         }
         if let Decoded::Record(r) = decode_record(window, i, hasher) {
