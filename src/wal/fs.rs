@@ -95,44 +95,22 @@ pub fn write_all_at(
     bytes: &[u8],
     offset: u64,
 ) -> io::Result<()> {
-    let mut done = 0usize;
-    let mut interrupted = 0u32;
-    while done < bytes.len() {
-        let at = offset + done as u64;
-        match fs.write_at(file, path, &bytes[done..], at) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!(
-                        "short write: the file system accepted 0 of the {} remaining bytes at offset {at} ({done} of {} written)",
-                        bytes.len() - done,
-                        bytes.len()
-                    ),
-                ))
-            }
-            Ok(n) if n > bytes.len() - done => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "write reported {n} bytes written at offset {at} but only {} were asked",
-                        bytes.len() - done
-                    ),
-                ))
-            }
-            Ok(n) => {
-                done += n;
-                interrupted = 0;
-            }
-            Err(e)
-                if e.kind() == io::ErrorKind::Interrupted
-                    && interrupted < MAX_INTERRUPTED_RETRIES =>
-            {
-                interrupted += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    let len = bytes.len();
+    transfer_all(
+        len,
+        offset,
+        "write",
+        |done, at| {
+            io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!(
+                    "short write: the file system accepted 0 of the {} remaining bytes at offset {at} ({done} of {len} written)",
+                    len - done
+                ),
+            )
+        },
+        |done, at| fs.write_at(file, path, &bytes[done..], at),
+    )
 }
 
 /// Fills `buf` from `offset` through `fs`, continuing after short reads (and up to
@@ -149,24 +127,44 @@ pub fn read_exact_at(
     offset: u64,
 ) -> io::Result<()> {
     let len = buf.len();
+    transfer_all(
+        len,
+        offset,
+        "read",
+        |_, at| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ends at byte {at}, before the {len} bytes asked at offset {offset} (was it truncated while being read?)"
+                ),
+            )
+        },
+        |done, at| fs.read_at(file, path, &mut buf[done..], at),
+    )
+}
+
+/// The loop of [`write_all_at`] and [`read_exact_at`]: calls `step(done, at)` until `len` bytes
+/// are through, retrying up to [`MAX_INTERRUPTED_RETRIES`] `EINTR`s in a row. A call that moves
+/// nothing is `no_progress(done, at)`; a call claiming more than was asked is an
+/// [`io::ErrorKind::InvalidData`] error naming `what` (`"read"`, `"write"`).
+fn transfer_all(
+    len: usize,
+    offset: u64,
+    what: &str,
+    no_progress: impl Fn(usize, u64) -> io::Error,
+    mut step: impl FnMut(usize, u64) -> io::Result<usize>,
+) -> io::Result<()> {
     let mut done = 0usize;
     let mut interrupted = 0u32;
     while done < len {
         let at = offset + done as u64;
-        match fs.read_at(file, path, &mut buf[done..], at) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the file ends at byte {at}, before the {len} bytes asked at offset {offset} (was it truncated while being read?)"
-                    ),
-                ))
-            }
+        match step(done, at) {
+            Ok(0) => return Err(no_progress(done, at)),
             Ok(n) if n > len - done => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "read reported {n} bytes at offset {at} but only {} were asked",
+                        "{what} reported {n} bytes at offset {at} but only {} were asked",
                         len - done
                     ),
                 ))
