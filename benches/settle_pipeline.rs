@@ -736,7 +736,7 @@ async fn stage_profile(lines: &[String]) {
             .sum::<usize>();
     }
     stages.push((
-        "coalesce per 1000-trade batch (rows map + sort)",
+        "coalesce per 1000-trade batch (newest post-image per row, by key)",
         "apply tasks",
         per(t.elapsed()),
     ));

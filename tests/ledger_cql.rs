@@ -275,7 +275,7 @@ async fn default_batches_stay_below_the_size_warning() {
     let entries = wide_trade_entries(n);
     let t0 = Instant::now();
     for micro_batch in entries.chunks(1000) {
-        let writes = coalesce(micro_batch);
+        let writes = coalesce(micro_batch.to_vec());
         assert!(writes[..micro_batch.len()]
             .iter()
             .all(|w| w.event.is_some() && w.balances.is_empty()));
@@ -356,7 +356,7 @@ async fn statement_count_alone_trips_the_size_warning() {
     let entries: Vec<EntryWrites> = (0..200u64)
         .map(|i| trade_entry(i + 1, i + 1, 1000 + i % 50, 2000 + i % 50, [1, -1, -1, 1]))
         .collect();
-    ledger.apply(&coalesce(&entries)).await.unwrap();
+    ledger.apply(&coalesce(entries)).await.unwrap();
     let warned = ledger.batch_size_warnings();
     // 200 trade rows make 10 batches of 20 (about 5.4 KiB each, as the finding measured).
     assert_eq!(warned.batches, 10, "{warned:?}");
@@ -502,7 +502,7 @@ async fn estimate_covers_what_the_node_counts() {
             .collect()
     };
     let mixed = coalesce(
-        &(0..30u64)
+        (0..30u64)
             .map(|i| trade_entry(1 + i, 20_000 + i, 1 + i % 7, 8 + i % 5, [1, -1, -1, 1]))
             .collect::<Vec<_>>(),
     );

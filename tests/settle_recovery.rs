@@ -267,8 +267,7 @@ async fn cql_or_skip(tag: &str) -> Option<(Arc<CqlLedger>, String)> {
 /// The pipeline's per-row coalescing of one micro-batch: every event row first, then the newest
 /// post-image of each balance row it touches (`coalesce` in `src/settle/pipeline.rs`).
 fn pipeline_writes(entries: &[(u64, SettlementEntry)]) -> Vec<EntryWrites> {
-    let writes: Vec<EntryWrites> = entries.iter().map(|(lsn, e)| e.writes(*lsn)).collect();
-    coalesce(&writes)
+    coalesce(entries.iter().map(|(lsn, e)| e.writes(*lsn)).collect())
 }
 
 /// What a kill leaves behind: `entries` trades (after a deposit of every asset for 100 users)

@@ -1312,7 +1312,7 @@ mod tests {
                 )
             })
             .collect();
-        let writes = crate::ledger::coalesce(&entries);
+        let writes = crate::ledger::coalesce(entries);
         assert!(writes[..1000].iter().all(|w| w.balances.is_empty()));
         row_values(&writes).unwrap()
     }
@@ -1386,7 +1386,7 @@ mod tests {
         let entries: Vec<EntryWrites> = (0..100u64)
             .map(|i| crate::ledger::conformance::trade_entry(i + 1, i + 1, 1, 2, [1, -1, -1, 1]))
             .collect();
-        let writes = crate::ledger::coalesce(&entries);
+        let writes = crate::ledger::coalesce(entries);
         let mut config = CqlConfig::new(vec!["127.0.0.1:9042".into()], "ks");
         let shapes = plan_batches(&writes, &config).unwrap();
         assert_eq!(shapes.iter().map(|s| s.statements).sum::<usize>(), 104);

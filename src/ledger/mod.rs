@@ -343,24 +343,31 @@ pub(crate) fn validate_lookup(keys: &[EventKey]) -> Result<()> {
 /// Applying the result leaves the store exactly as applying `writes` would: a balance write
 /// that is left out is older than one that is kept for the same row, and rows keep the newest
 /// LSN whatever order writes land in (P4).
-pub fn coalesce(writes: &[EntryWrites]) -> Vec<EntryWrites> {
-    let mut rows: std::collections::BTreeMap<&BalanceKey, (Amount, Lsn)> = Default::default();
+pub fn coalesce(writes: Vec<EntryWrites>) -> Vec<EntryWrites> {
+    use std::collections::btree_map::Entry;
+    let mut rows: std::collections::BTreeMap<BalanceKey, (Amount, Lsn)> = Default::default();
     let mut out: Vec<EntryWrites> = Vec::with_capacity(writes.len() + 1);
     let mut last_lsn = None;
     for w in writes {
         last_lsn = last_lsn.max(Some(w.lsn));
-        if let Some(event) = &w.event {
+        if let Some(event) = w.event {
             out.push(EntryWrites {
                 lsn: w.lsn,
-                event: Some(event.clone()),
+                event: Some(event),
                 balances: Vec::new(),
             });
         }
-        for b in &w.balances {
+        for b in w.balances {
             last_lsn = last_lsn.max(Some(b.lsn));
-            let newest = rows.entry(&b.key).or_insert((b.amount, b.lsn));
-            if b.lsn >= newest.1 {
-                *newest = (b.amount, b.lsn);
+            match rows.entry(b.key) {
+                Entry::Vacant(slot) => {
+                    slot.insert((b.amount, b.lsn));
+                }
+                Entry::Occupied(mut slot) => {
+                    if b.lsn >= slot.get().1 {
+                        *slot.get_mut() = (b.amount, b.lsn);
+                    }
+                }
             }
         }
     }
@@ -370,11 +377,7 @@ pub fn coalesce(writes: &[EntryWrites]) -> Vec<EntryWrites> {
             event: None,
             balances: rows
                 .into_iter()
-                .map(|(key, (amount, lsn))| BalanceWrite {
-                    key: key.clone(),
-                    amount,
-                    lsn,
-                })
+                .map(|(key, (amount, lsn))| BalanceWrite { key, amount, lsn })
                 .collect(),
         });
     }
@@ -414,7 +417,7 @@ mod tests {
             deposit_entry(6, 60, 1, "BTC", 1, 11),
             trade_entry(7, 70, 2, 1, [-9, 19, 12, -20]),
         ];
-        let out = coalesce(&writes);
+        let out = coalesce(writes.clone());
         let events: Vec<EventKey> = out
             .iter()
             .filter_map(|w| w.event.as_ref().map(EventRow::key))
@@ -447,8 +450,8 @@ mod tests {
         );
         // Out of order input: the highest LSN wins, not the last position.
         let reversed: Vec<EntryWrites> = writes.iter().rev().cloned().collect();
-        assert_eq!(coalesce(&reversed).last().unwrap().balances, last.balances);
-        assert!(coalesce(&[]).is_empty());
+        assert_eq!(coalesce(reversed).last().unwrap().balances, last.balances);
+        assert!(coalesce(Vec::new()).is_empty());
     }
 
     /// The simulated store keeps the same rules as the real ones (without faults injected), and
@@ -475,7 +478,7 @@ mod tests {
         let all = sim::SimLedger::new(1);
         let coalesced = sim::SimLedger::new(1);
         all.apply(&writes).await.unwrap();
-        coalesced.apply(&coalesce(&writes)).await.unwrap();
+        coalesced.apply(&coalesce(writes.clone())).await.unwrap();
         let mut a = all.scan_balances().await.unwrap();
         let mut b = coalesced.scan_balances().await.unwrap();
         a.sort_by(|x, y| x.0.cmp(&y.0));

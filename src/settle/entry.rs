@@ -43,17 +43,18 @@ impl SettlementEntry {
 
     /// Every store write of this entry at `lsn`.
     pub fn writes(&self, lsn: Lsn) -> EntryWrites {
+        self.clone().into_writes(lsn)
+    }
+
+    /// Every store write of this entry at `lsn`, taking the entry instead of copying it.
+    pub fn into_writes(self, lsn: Lsn) -> EntryWrites {
         EntryWrites {
             lsn,
-            event: Some(self.event_row(lsn)),
+            event: Some(into_event_row(self.event, lsn)),
             balances: self
                 .post_images
-                .iter()
-                .map(|(key, amount)| BalanceWrite {
-                    key: key.clone(),
-                    amount: *amount,
-                    lsn,
-                })
+                .into_iter()
+                .map(|(key, amount)| BalanceWrite { key, amount, lsn })
                 .collect(),
         }
     }

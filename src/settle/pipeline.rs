@@ -15,7 +15,6 @@
 //! the syncer waits for the disk to make batch N durable, the settle loop computes batch N+1 and
 //! the parser reads ahead; no batch reaches the applier before its sync returned (P1).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,10 +25,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::entry::{into_event_row, BalanceCache, Settled, SettlementEntry, DEFAULT_CACHE_ROWS};
+use super::entry::{BalanceCache, Settled, SettlementEntry, DEFAULT_CACHE_ROWS};
 use super::event::{parse_event, Event, Rejection};
 use super::SettleError;
-use crate::ledger::{Amount, BalanceKey, BalanceWrite, EntryWrites, Ledger};
+use crate::ledger::{EntryWrites, Ledger};
 use crate::wal::{Lsn, Wal};
 
 /// Largest `--batch-max`.
@@ -204,36 +203,16 @@ struct DurableBatch {
     started: Instant,
 }
 
-/// Per-row coalescing: every entry keeps its event row; of the balance rows touched several
-/// times in the batch only the newest post-image is written, with the newest entry's LSN.
+/// Per-row coalescing of a micro-batch ([`crate::ledger::coalesce`]): every entry keeps its event
+/// row; of the balance rows touched several times only the newest post-image is written, with
+/// the newest entry's LSN. Takes the entries, so nothing is copied.
 pub fn coalesce(entries: Vec<(Lsn, SettlementEntry)>) -> Vec<EntryWrites> {
-    let mut rows: HashMap<BalanceKey, (Amount, Lsn), foldhash::fast::RandomState> =
-        HashMap::with_capacity_and_hasher(entries.len() * 2, Default::default());
-    let mut writes = Vec::with_capacity(entries.len() + 1);
-    let last = entries.last().map(|(lsn, _)| *lsn);
-    for (lsn, entry) in entries {
-        for (key, amount) in entry.post_images {
-            rows.insert(key, (amount, lsn));
-        }
-        writes.push(EntryWrites {
-            lsn,
-            event: Some(into_event_row(entry.event, lsn)),
-            balances: Vec::new(),
-        });
-    }
-    if let Some(last) = last {
-        let mut balances: Vec<BalanceWrite> = rows
+    crate::ledger::coalesce(
+        entries
             .into_iter()
-            .map(|(key, (amount, lsn))| BalanceWrite { key, amount, lsn })
-            .collect();
-        balances.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        writes.push(EntryWrites {
-            lsn: last,
-            event: None,
-            balances,
-        });
-    }
-    writes
+            .map(|(lsn, entry)| entry.into_writes(lsn))
+            .collect(),
+    )
 }
 
 /// The single writer: owns the balance cache and the dedup state.

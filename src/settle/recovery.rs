@@ -418,8 +418,7 @@ pub async fn recover(
             resend.push(p.resend);
         }
     }
-    let writes = coalesce(&resend);
-    drop(resend);
+    let writes = coalesce(resend);
     report.written_rows = writes.iter().map(EntryWrites::row_count).sum();
     apply_all(ledger, apply_chunks(writes, RECOVERY_APPLY_ROWS)).await?;
     let first = pending.first().expect("not empty").lsn;
@@ -483,7 +482,7 @@ mod tests {
                 }
             })
             .collect();
-        let coalesced = coalesce(&entries);
+        let coalesced = coalesce(entries);
         let all = rows(&coalesced);
         for max_rows in [1, 2, 3, 7, 50, 51, 1000] {
             let chunks = apply_chunks(coalesced.clone(), max_rows);
