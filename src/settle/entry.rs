@@ -102,19 +102,8 @@ pub fn into_event_row(event: Event, lsn: Lsn) -> EventRow {
     }
 }
 
-/// The balance changes of an event, one per row (a buyer who is also the seller nets to zero on
-/// each row, never two writes of one row). Checked: `None` on overflow.
-pub fn deltas(event: &Event) -> Option<Vec<(BalanceKey, Amount)>> {
-    let rows = RowDeltas::of(event)?;
-    Some(
-        rows.as_slice()
-            .iter()
-            .map(|(user_id, asset, delta)| (BalanceKey::new(*user_id, *asset), *delta))
-            .collect(),
-    )
-}
-
-/// The rows an event touches (at most four), with their deltas, without allocating.
+/// The rows an event touches (at most four), with their deltas, without allocating: a buyer who
+/// is also the seller nets to zero on each row, never two writes of one row.
 struct RowDeltas<'a> {
     rows: [(UserId, &'a str, Amount); 4],
     len: usize,
@@ -267,13 +256,9 @@ impl BalanceCache {
     /// Rows of `event` that are not cached yet (to load from the store), added to `out` unless
     /// `out` has them already (a linear check: for a few events; see [`BalanceCache::missing_rows`]).
     pub fn missing(&self, event: &Event, out: &mut Vec<BalanceKey>) {
-        for (user_id, asset, _) in RowDeltas::keys(event).as_slice() {
-            if !self.rows.contains_key(&(*user_id, AssetCode::new(asset)))
-                && !out
-                    .iter()
-                    .any(|k| k.user_id == *user_id && k.asset == *asset)
-            {
-                out.push(BalanceKey::new(*user_id, *asset));
+        for key in self.missing_rows([event]) {
+            if !out.contains(&key) {
+                out.push(key);
             }
         }
     }
