@@ -30,12 +30,14 @@
 //! # Ok(()) }
 //! ```
 
+mod barrier;
 pub mod error;
 pub mod format;
 pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 mod inspect;
+mod prefault;
 mod scan;
 mod segment;
 mod tracker;
@@ -48,7 +50,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 pub use error::{Result, WalError};
 pub use format::{Lsn, RecordType, MAX_PAYLOAD_SIZE_BYTES};
@@ -56,21 +58,24 @@ pub use fs::{OsFs, WalFs};
 pub use inspect::{inspect, inspect_with, Inspection, RecordCounts, SegmentInfo};
 pub use scan::{TailState, ARCHIVE_DIR_NAME, LOCK_FILE_NAME, SCAN_CHUNK_BYTES};
 
+use barrier::SyncBarrier;
 use format::{
     encode_payload, encode_record_header, record_size, CheckpointPayload, CommitPayload,
     DEFAULT_SEGMENT_SIZE_BYTES, MAX_SEGMENT_SIZE_BYTES, MIN_SEGMENT_SIZE_BYTES,
     RECORD_ALIGNMENT_BYTES, RECORD_HEADER_SIZE_BYTES, SEGMENT_HEADER_SIZE_BYTES,
 };
+use prefault::Prefaulter;
 use segment::Segment;
 use tracker::Tracker;
 
 /// Most records one [`Wal::append_batch`] call may carry.
 pub const MAX_BATCH_RECORDS: usize = 64 * 1024;
 
-/// Pages of the active segment are prefaulted writable this far ahead of the write offset, so
-/// appends do not take a page fault per new page (msync leaves the pages it cleaned
-/// write-protected; pages ahead of the synced range stay writable).
-const PREFAULT_WINDOW_BYTES: usize = 1024 * 1024;
+/// Pages of the active segment are prefaulted writable this far ahead of the write offset (by
+/// the `wal-prefault` thread, see `prefault.rs`), so appends do not take a page fault per new
+/// page (msync leaves the pages it cleaned write-protected; pages ahead of the synced range
+/// stay writable). A new request goes out when the writer is half a window from its end.
+const PREFAULT_WINDOW_BYTES: usize = 2 * 1024 * 1024;
 
 /// Bytes read at once for one pending entry ([`Wal::pending`], [`Wal::last_entry`]): most
 /// entries fit; a larger one takes a second read of its exact size.
@@ -244,25 +249,15 @@ struct State {
     failed: Option<String>,
 }
 
-struct SyncState {
-    durable_lsn: Lsn,
-    leader_active: bool,
-    /// Threads inside `sync_to` (waiting or leading).
-    callers: usize,
-    /// How many callers the last sync served: the group size a new leader waits for.
-    last_group: usize,
-    failed: Option<String>,
-}
-
 /// An open, writable write-ahead log. `Send + Sync`: share it with an `Arc`.
 pub struct Wal {
     dir: PathBuf,
     options: WalOptions,
     state: Mutex<State>,
-    sync_state: Mutex<SyncState>,
-    sync_done: Condvar,
-    /// Signalled when a caller enters `sync_to`; only a gathering leader waits on it.
-    sync_arrival: Condvar,
+    /// Group commit: who syncs, who waits, the durable LSN.
+    barrier: SyncBarrier,
+    /// Populates the pages ahead of the write offset (`None`: inline, in the appender).
+    prefaulter: Option<Prefaulter>,
     last_appended_lsn: AtomicU64,
     stat_records: AtomicU64,
     stat_bytes: AtomicU64,
@@ -407,6 +402,7 @@ impl Wal {
             pending = report.pending, next_lsn, duration_ms = report.duration.as_millis() as u64,
             "opened WAL");
         let last = next_lsn - 1;
+        let gather_wait = Duration::from_micros(options.group_commit_wait_us);
         Ok(Wal {
             dir: dir.to_path_buf(),
             options,
@@ -419,15 +415,8 @@ impl Wal {
                 tracker,
                 failed: None,
             }),
-            sync_state: Mutex::new(SyncState {
-                durable_lsn: last,
-                leader_active: false,
-                callers: 0,
-                last_group: 1,
-                failed: None,
-            }),
-            sync_done: Condvar::new(),
-            sync_arrival: Condvar::new(),
+            barrier: SyncBarrier::new(last, gather_wait),
+            prefaulter: Prefaulter::start(),
             last_appended_lsn: AtomicU64::new(last),
             stat_records: AtomicU64::new(0),
             stat_bytes: AtomicU64::new(0),
@@ -456,7 +445,7 @@ impl Wal {
 
     /// LSN up to which every record is durable.
     pub fn durable_lsn(&self) -> Lsn {
-        self.sync_state.lock().durable_lsn
+        self.barrier.durable_lsn()
     }
 
     /// Every entry at or below this LSN is committed.
@@ -579,7 +568,7 @@ impl Wal {
                 st.next_lsn
             )));
         }
-        let durable = self.sync_state.lock().durable_lsn;
+        let durable = self.barrier.durable_lsn();
         if last_lsn > durable {
             return Err(invalid(format!(
                 "LSN {last_lsn} is not durable yet (durable up to {durable}); sync before committing"
@@ -820,11 +809,10 @@ impl Wal {
             let from = st.prefaulted_to.max(st.write_offset);
             let to = (from + PREFAULT_WINDOW_BYTES).min(seg.len_bytes);
             if to > from {
-                // An optimization only: on a kernel without MADV_POPULATE_WRITE (before 5.14)
-                // appends simply take the page faults.
-                let _ = seg
-                    .map()
-                    .advise_range(memmap2::Advice::PopulateWrite, from, to - from);
+                match &self.prefaulter {
+                    Some(p) => p.request(seg.clone(), from, to),
+                    None => prefault::populate(&seg, from, to),
+                }
             }
             st.prefaulted_to = to;
         }
@@ -869,64 +857,12 @@ impl Wal {
     }
 
     fn sync_to(&self, target: Lsn) -> Result<Lsn> {
-        let mut s = self.sync_state.lock();
-        s.callers += 1;
-        // Wake a leader that is gathering its group.
-        self.sync_arrival.notify_one();
-        let result = self.sync_to_locked(&mut s, target);
-        s.callers -= 1;
-        result
-    }
-
-    fn sync_to_locked(
-        &self,
-        s: &mut parking_lot::MutexGuard<'_, SyncState>,
-        target: Lsn,
-    ) -> Result<Lsn> {
-        loop {
-            if let Some(cause) = &s.failed {
-                return Err(WalError::Failed {
-                    cause: cause.clone(),
-                });
-            }
-            if s.durable_lsn >= target {
-                return Ok(s.durable_lsn);
-            }
-            if !s.leader_active {
-                s.leader_active = true;
-                break;
-            }
-            self.sync_done.wait(s);
-        }
-        // Leader. Writers released by the previous sync are appending again right now; wait
-        // (bounded) until as many callers as last time have arrived, so one msync serves them
-        // all instead of the group splitting in two.
-        let wait = Duration::from_micros(self.options.group_commit_wait_us);
-        if s.last_group > 1 && !wait.is_zero() {
-            let deadline = Instant::now() + wait;
-            while s.callers < s.last_group {
-                if self.sync_arrival.wait_until(s, deadline).timed_out() {
-                    break;
-                }
-            }
-        }
-        let group = s.callers;
-        let result = parking_lot::MutexGuard::unlocked(s, || self.sync_as_leader());
-        s.leader_active = false;
-        s.last_group = group.max(1);
-        let out = match result {
-            Ok(end_lsn) => {
-                assert!(end_lsn >= target, "a leader syncs at least its own target");
-                s.durable_lsn = s.durable_lsn.max(end_lsn);
-                Ok(s.durable_lsn)
-            }
-            Err(e) => {
-                s.failed = Some(e.to_string());
-                Err(e)
-            }
-        };
-        self.sync_done.notify_all();
-        out
+        self.barrier.sync_to(
+            target,
+            || self.sync_as_leader(),
+            |cause| WalError::Failed { cause },
+            |e| e.to_string(),
+        )
     }
 
     fn sync_as_leader(&self) -> Result<Lsn> {
