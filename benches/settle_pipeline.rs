@@ -16,7 +16,10 @@
 //!    inflight 8 / 16 (time-bounded runs, then drain); in the same run the alternatives: one
 //!    LOGGED batch per trade, LOGGED micro-batches of 10 and 50 trades at 1 / 8 / 32 workers,
 //!    and raw single-row inserts at 32 / 64 / 128 workers (the node's rows/s ceiling). The
-//!    first pipeline setting is run again at the end to show drift.
+//!    first pipeline setting is run again at the end to show drift. Then **equal offered load**:
+//!    our pipeline and the best micro-batched LOGGED setting, both offered 50% and 80% of that
+//!    LOGGED setting's measured trades/s, open loop ([`Pace`]), latency per trade from its due
+//!    time to the store's acknowledgement.
 //!
 //! Latency of the pipeline is per **micro-batch**, read from the library's own
 //! `settlement_batch_seconds` histogram (a metrics recorder installed by this bench): from the
@@ -67,6 +70,13 @@ use settlement_wal::settle::{
 use settlement_wal::wal::format::DEFAULT_SEGMENT_SIZE_BYTES;
 use settlement_wal::wal::{Lsn, Wal, WalOptions};
 use tokio::sync::{mpsc, watch};
+
+/// Offered loads of the equal-load comparison, as fractions of the best micro-batched LOGGED
+/// trades/s measured in the same run.
+const PACED_FRACTIONS: [f64; 2] = [0.5, 0.8];
+
+/// Our (batch_max, inflight) in the equal-load runs (`PIPELINE_BENCH_PACED` overrides).
+const PACED_SETTINGS: (usize, usize) = (500, 8);
 
 /// Users trading (balance rows: 3 per user).
 const USERS: u64 = 10_000;
@@ -226,6 +236,9 @@ struct CountingLedger {
     event_rows: AtomicU64,
     keys_read: AtomicU64,
     apply_secs: Mutex<Vec<(Instant, f64)>>,
+    /// Set during a paced run: each acknowledged trade's latency from its due time.
+    pace: Mutex<Option<Pace>>,
+    ingest_lat: Mutex<Vec<(Instant, f64)>>,
 }
 
 impl CountingLedger {
@@ -236,6 +249,8 @@ impl CountingLedger {
             event_rows: AtomicU64::new(0),
             keys_read: AtomicU64::new(0),
             apply_secs: Mutex::new(Vec::new()),
+            pace: Mutex::new(None),
+            ingest_lat: Mutex::new(Vec::new()),
         }
     }
 
@@ -269,7 +284,21 @@ impl Ledger for CountingLedger {
         let events = entries.iter().filter(|e| e.event.is_some()).count();
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         self.event_rows.fetch_add(events as u64, Ordering::Relaxed);
-        self.apply_secs.lock().unwrap().push((Instant::now(), secs));
+        let acked = Instant::now();
+        self.apply_secs.lock().unwrap().push((acked, secs));
+        if let Some(pace) = *self.pace.lock().unwrap() {
+            let mut lat = self.ingest_lat.lock().unwrap();
+            for e in entries {
+                if let Some(EventRow::Trade(t)) = &e.event {
+                    lat.push((
+                        acked,
+                        acked
+                            .saturating_duration_since(pace.due(t.output_sequence))
+                            .as_secs_f64(),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
     async fn trade_lsn(&self, trade_id: u64) -> Result<Option<Lsn>, LedgerError> {
@@ -369,12 +398,44 @@ fn trade_json(seq: u64, symbol: &str, price: i64, buyer: u64, seller: u64) -> St
 /// A source that generates trades from `first_seq` on, until the pipeline stops reading: first
 /// the `USERS` covering trades (so a cold balance cache loads every row early and in bulk),
 /// then pseudo-random ones.
-fn generated_source(first_seq: u64) -> mpsc::Receiver<Message> {
+///
+/// Paced (`rate` trades/s, and the ledger that records latencies): the covering trades go at
+/// full speed; once the ledger has read every balance row (the cache is warm) and the
+/// pipeline has acknowledged every covering trade, pacing starts and is published to the
+/// ledger, which from then on records each trade's latency from its due time.
+fn generated_source(
+    first_seq: u64,
+    pace: Option<(f64, Arc<CountingLedger>)>,
+) -> mpsc::Receiver<Message> {
     let (tx, rx) = mpsc::channel(SOURCE_QUEUE_DEPTH);
     tokio::spawn(async move {
         let mut seq = first_seq;
+        let mut paced: Option<Pace> = None;
         loop {
             let k = seq - first_seq;
+            if let (Some((rate, ledger)), true) = (&pace, k >= USERS) {
+                let p = match paced {
+                    Some(p) => p,
+                    None => {
+                        let t0 = Instant::now();
+                        while (ledger.keys_read.load(Ordering::Relaxed) < 3 * USERS
+                            || ledger.counts().1 < USERS)
+                            && t0.elapsed() < WARM_MAX
+                        {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        let p = Pace {
+                            start: Instant::now(),
+                            first_seq: seq,
+                            rate: *rate,
+                        };
+                        *ledger.pace.lock().unwrap() = Some(p);
+                        paced = Some(p);
+                        p
+                    }
+                };
+                tokio::time::sleep_until(p.due(seq).into()).await;
+            }
             let line = if k < USERS {
                 covering_trade_line(seq, k)
             } else {
@@ -392,6 +453,23 @@ fn generated_source(first_seq: u64) -> mpsc::Receiver<Message> {
     rx
 }
 
+/// Open-loop pacing at `rate` trades/s: the trade with sequence `seq` is due at
+/// `start + (seq - first_seq) / rate`, whatever happened to the ones before it. Latency is
+/// measured from that due time, so a system that falls behind is charged for the backlog
+/// (no coordinated omission).
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    start: Instant,
+    first_seq: u64,
+    rate: f64,
+}
+
+impl Pace {
+    fn due(&self, seq: u64) -> Instant {
+        self.start + Duration::from_secs_f64(seq.saturating_sub(self.first_seq) as f64 / self.rate)
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // One pipeline run through the library.
 
@@ -401,6 +479,12 @@ enum Source {
     /// and until the (cold) balance cache has loaded every balance row (at most `WARM_MAX`),
     /// then a measured window of `window`, then shutdown and drain.
     Generated {
+        warm: Duration,
+        window: Duration,
+    },
+    /// As `Generated`, but offered at `rate` trades/s (open loop, [`Pace`]).
+    Paced {
+        rate: f64,
         warm: Duration,
         window: Duration,
     },
@@ -431,6 +515,9 @@ struct PipeRun {
     sync_lat: Vec<f64>,
     /// Store apply per micro-batch, sorted (idem).
     apply_lat: Vec<f64>,
+    /// Paced runs: per trade, from its due time to the store's acknowledgement, sorted
+    /// (acknowledged inside the window).
+    ingest_lat: Vec<f64>,
     device_kib: Option<u64>,
     steady: Option<Steady>,
     /// Library warnings logged during the run (CQL retries among them).
@@ -494,9 +581,16 @@ async fn pipeline_run(
     .expect("open settlement");
     let next_seq = settlement.last_output_sequence().map_or(1, |s| s + 1);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let paced = matches!(source, Source::Paced { .. });
     let (rx, timing) = match source {
         Source::Lines(lines) => (messages_source(lines), None),
-        Source::Generated { warm, window } => (generated_source(next_seq), Some((warm, window))),
+        Source::Generated { warm, window } => {
+            (generated_source(next_seq, None), Some((warm, window)))
+        }
+        Source::Paced { rate, warm, window } => (
+            generated_source(next_seq, Some((rate, ledger.clone()))),
+            Some((warm, window)),
+        ),
     };
     ledger.take();
     take_samples("settlement_batch_seconds");
@@ -515,6 +609,13 @@ async fn pipeline_run(
             let rows = 3 * USERS;
             while ledger.keys_read.load(Ordering::Relaxed) < rows && t0.elapsed() < WARM_MAX {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if paced {
+                // Pacing starts once the cache is warm; then settle into it for `warm`.
+                while ledger.pace.lock().unwrap().is_none() && t0.elapsed() < WARM_MAX {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                tokio::time::sleep(warm).await;
             }
             let a = (Instant::now(), ledger.counts());
             tokio::time::sleep(window).await;
@@ -541,6 +642,8 @@ async fn pipeline_run(
         _ => None,
     };
     drop(settlement);
+    *ledger.pace.lock().unwrap() = None;
+    let ingest_lat = std::mem::take(&mut *ledger.ingest_lat.lock().unwrap());
     let (rows, event_rows, apply_lat) = ledger.take();
     let window = marks.map(|((ta, _), (tb, _))| (ta, tb));
     let steady = marks.map(|((ta, (ra, ea)), (tb, (rb, eb)))| Steady {
@@ -559,6 +662,7 @@ async fn pipeline_run(
         batch_lat: in_window(&take_samples("settlement_batch_seconds"), window),
         sync_lat: in_window(&take_samples("settlement_wal_sync_seconds"), window),
         apply_lat: in_window(&apply_lat, window),
+        ingest_lat: in_window(&ingest_lat, window),
         device_kib,
         steady,
         warnings: WARNINGS.load(Ordering::Relaxed) - warnings0,
@@ -1016,6 +1120,69 @@ async fn measure(b: &Arc<AltBench>, unit: Unit, workers: usize, secs: f64) -> Me
     }
 }
 
+/// LOGGED batches of `n` trades offered at `rate` trades/s (open loop, [`Pace`]): a batch is
+/// sent when its last trade is due, with at most `inflight` batches outstanding (a batch
+/// waiting for a slot is late, and its trades' latency shows it). Latency per trade, from its
+/// due time to the batch's acknowledgement; only acknowledgements inside the window (after
+/// `warm`) count.
+async fn measure_paced(
+    b: &Arc<AltBench>,
+    n: usize,
+    inflight: usize,
+    rate: f64,
+    warm: Duration,
+    window: Duration,
+) -> Measured {
+    let pace = Pace {
+        start: Instant::now() + Duration::from_millis(10),
+        first_seq: 0,
+        rate,
+    };
+    let (from, to) = (pace.start + warm, pace.start + warm + window);
+    let slots = Arc::new(tokio::sync::Semaphore::new(inflight));
+    let lat: Arc<Mutex<Vec<(Instant, f64)>>> = Arc::default();
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut k = 0u64;
+    while pace.due(k) < to {
+        let last = k + n as u64 - 1;
+        tokio::time::sleep_until(pace.due(last).into()).await;
+        let slot = slots.clone().acquire_owned().await.expect("semaphore");
+        let (b, lat, errors) = (b.clone(), lat.clone(), errors.clone());
+        tasks.spawn(async move {
+            let result = run_unit(&b, Unit::Logged(n)).await;
+            let acked = Instant::now();
+            drop(slot);
+            match result {
+                Ok(()) => {
+                    let mut lat = lat.lock().unwrap();
+                    for seq in k..=last {
+                        lat.push((
+                            acked,
+                            acked.saturating_duration_since(pace.due(seq)).as_secs_f64(),
+                        ));
+                    }
+                }
+                Err(e) => {
+                    if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!("  paced LOGGED: first error: {e}");
+                    }
+                }
+            }
+        });
+        k = last + 1;
+    }
+    while tasks.join_next().await.is_some() {}
+    let lat = in_window(&lat.lock().unwrap(), Some((from, to)));
+    Measured {
+        units: lat.len() as u64 / n as u64,
+        trades: lat.len() as u64,
+        errors: errors.load(Ordering::Relaxed),
+        secs: window.as_secs_f64(),
+        lat,
+    }
+}
+
 fn fresh_keyspace(prefix: &str) -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1025,9 +1192,20 @@ fn fresh_keyspace(prefix: &str) -> String {
     format!("{prefix}_{}_{nanos}", std::process::id())
 }
 
+/// Store URL options that make our UNLOGGED batches as large as the LOGGED comparator's
+/// 50-trade batches (250 statements), with the byte cap under the node's 50 KiB
+/// `batch_size_fail_threshold` (the node logs a size warning for these, as it does for the
+/// LOGGED batches).
+const EQUAL_BATCH_PARAMS: &str = "&batch_statements=250&batch_bytes=40000";
+
 async fn connect(node: &str, keyspace: &str) -> CqlLedger {
+    connect_with(node, keyspace, "").await
+}
+
+async fn connect_with(node: &str, keyspace: &str, params: &str) -> CqlLedger {
     // PIPELINE_BENCH_CQL_PARAMS: more store URL options, e.g. `&batch_statements=100`.
-    let extra = std::env::var("PIPELINE_BENCH_CQL_PARAMS").unwrap_or_default();
+    let extra =
+        params.to_string() + &std::env::var("PIPELINE_BENCH_CQL_PARAMS").unwrap_or_default();
     let StoreUrl::Cql(config) = format!("cql://{node}/{keyspace}?consistency=one{extra}")
         .parse::<StoreUrl>()
         .expect("store url")
@@ -1044,7 +1222,9 @@ struct PipeRow {
     run: PipeRun,
 }
 
-async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>) {
+/// `quick`: only what the equal-load comparison needs (the LOGGED 50-trade setting at 8
+/// workers for its ceiling, then the paced runs), for tuning the pipeline's settings.
+async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>, quick: bool) {
     println!("## Real node: the pipeline and the alternatives, same run, same node\n");
     let addr: SocketAddr = match node.parse() {
         Ok(a) => a,
@@ -1065,6 +1245,10 @@ async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>) {
     let cql = connect(node, &ks_pipe).await;
     let cfg = cql.config().clone();
     let ledger = Arc::new(CountingLedger::new(Arc::new(cql)));
+    // The same keyspace through a store whose batches are as large as LOGGED's 50-trade ones.
+    let big_cql = connect_with(node, &ks_pipe, EQUAL_BATCH_PARAMS).await;
+    let big_statements = big_cql.config().max_statements_per_batch;
+    let big = Arc::new(CountingLedger::new(Arc::new(big_cql)));
     let alt = connect(node, &ks_alt).await;
     let prep = |cql: String| {
         let s = alt.session();
@@ -1112,28 +1296,37 @@ async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>) {
 
     let warm = Duration::from_secs_f64((secs / 2.0).max(1.0));
     let window = Duration::from_secs_f64(secs);
+    // (batch_max, inflight, CQL batches as large as LOGGED's 50-trade ones)
     let configs = [
-        (500usize, 8usize),
-        (500, 16),
-        (1000, 8),
-        (1000, 16),
-        (100, 8),
+        (500usize, 8usize, false),
+        (500, 16, false),
+        (1000, 8, false),
+        (100, 8, false),
+        (500, 8, true),
+        (1000, 8, true),
     ];
     let mut ours: Vec<PipeRow> = Vec::new();
-    for (bm, inf) in configs {
+    for (bm, inf, equal) in configs.into_iter().filter(|_| !quick) {
         eprintln!(
-            "cql: pipeline batch_max {bm} inflight {inf} for {:.0} + {secs:.0} s...",
+            "cql: pipeline batch_max {bm} inflight {inf}{} for {:.0} + {secs:.0} s...",
+            if equal { " (large CQL batches)" } else { "" },
             warm.as_secs_f64()
         );
         let r = pipeline_run(
-            &ledger,
+            if equal { &big } else { &ledger },
             wal.path(),
             Source::Generated { warm, window },
             settings(bm, inf),
         )
         .await;
         ours.push(PipeRow {
-            label: format!("ours: WAL + UNLOGGED, batch_max {bm}, inflight {inf}"),
+            label: if equal {
+                format!(
+                    "ours: WAL + UNLOGGED, batch_max {bm}, inflight {inf}, CQL batches of <= {big_statements} statements (as LOGGED 50)"
+                )
+            } else {
+                format!("ours: WAL + UNLOGGED, batch_max {bm}, inflight {inf}")
+            },
             run: r,
         });
     }
@@ -1142,30 +1335,80 @@ async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>) {
     let mut alts: Vec<(Unit, usize, Measured)> = Vec::new();
     for unit in [Unit::Logged(1), Unit::Logged(10), Unit::Logged(50)] {
         for &w in &levels {
+            if quick && !(matches!(unit, Unit::Logged(50)) && w == 8) {
+                continue;
+            }
             eprintln!("cql: {} x {w} for {secs:.0} s...", unit.label());
             let m = measure(&b, unit, w, secs).await;
             alts.push((unit, w, m));
         }
     }
     let mut raw: Vec<(usize, Measured)> = Vec::new();
-    for w in [32usize, 64, 128] {
+    for w in [32usize, 64, 128].into_iter().filter(|_| !quick) {
         eprintln!("cql: raw single-row inserts x {w} for {secs:.0} s...");
         raw.push((w, measure(&b, Unit::Row, w, secs).await));
     }
 
-    let (bm, inf) = configs[0];
-    eprintln!("cql: pipeline batch_max {bm} inflight {inf} again (drift check)...");
-    let r = pipeline_run(
-        &ledger,
-        wal.path(),
-        Source::Generated { warm, window },
-        settings(bm, inf),
-    )
-    .await;
-    ours.push(PipeRow {
-        label: format!("ours again at the end (batch_max {bm}, inflight {inf})"),
-        run: r,
-    });
+    let (bm, inf, _) = configs[0];
+    if !quick {
+        eprintln!("cql: pipeline batch_max {bm} inflight {inf} again (drift check)...");
+        let r = pipeline_run(
+            &ledger,
+            wal.path(),
+            Source::Generated { warm, window },
+            settings(bm, inf),
+        )
+        .await;
+        ours.push(PipeRow {
+            label: format!("ours again at the end (batch_max {bm}, inflight {inf})"),
+            run: r,
+        });
+    }
+
+    // Equal offered load: both systems paced at the same rates below the LOGGED ceiling,
+    // latency per trade from its due time to the store's acknowledgement.
+    let best_mb_idx = alts
+        .iter()
+        .enumerate()
+        .filter(|(_, (u, _, _))| matches!(u, Unit::Logged(n) if *n > 1))
+        .max_by(|a, b| {
+            (a.1 .2.trades as f64 / a.1 .2.secs).total_cmp(&(b.1 .2.trades as f64 / b.1 .2.secs))
+        })
+        .map(|(i, _)| i)
+        .expect("micro-batched runs");
+    let (mb_unit, mb_workers) = (alts[best_mb_idx].0, alts[best_mb_idx].1);
+    let mb_max = alts[best_mb_idx].2.trades as f64 / alts[best_mb_idx].2.secs;
+    let Unit::Logged(mb_n) = mb_unit else {
+        unreachable!()
+    };
+    // PIPELINE_BENCH_PACED=BATCH_MAX,INFLIGHT: our settings in the paced runs.
+    let (paced_bm, paced_inf) = std::env::var("PIPELINE_BENCH_PACED")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once(',')?;
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .unwrap_or(PACED_SETTINGS);
+    let mut paced: Vec<(f64, f64, PipeRun, Measured)> = Vec::new();
+    for frac in PACED_FRACTIONS {
+        let rate = (frac * mb_max / 100.0).round().max(1.0) * 100.0;
+        eprintln!(
+            "cql: equal offered load {rate:.0} trades/s: ours (batch_max {paced_bm}, inflight {paced_inf})..."
+        );
+        let r = pipeline_run(
+            &big,
+            wal.path(),
+            Source::Paced { rate, warm, window },
+            settings(paced_bm, paced_inf),
+        )
+        .await;
+        eprintln!(
+            "cql: equal offered load {rate:.0} trades/s: {} x {mb_workers}...",
+            mb_unit.label()
+        );
+        let m = measure_paced(&b, mb_n, mb_workers, rate, warm, window).await;
+        paced.push((frac, rate, r, m));
+    }
 
     println!(
         "Node {node}, consistency ONE, RF 1, fresh keyspaces; {secs:.0} s per alternative row. \
@@ -1246,6 +1489,46 @@ async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>) {
         );
     }
 
+    println!(
+        "\n### Equal offered load (open loop)\n\nBoth systems offered the same trades/s, a \
+         fraction of the best micro-batched LOGGED ceiling above ({} x {mb_workers} workers, \
+         {mb_max:.0} trades/s). Trade k is due at start + k/rate whatever happened before \
+         (no coordinated omission); latency per trade is from its due time to the store's \
+         acknowledgement of the write that carries it (ours: the UNLOGGED apply of its \
+         micro-batch, after the WAL sync, with CQL batches as large as LOGGED's \
+         (`{EQUAL_BATCH_PARAMS}`); LOGGED: its batch, sent when the batch's last \
+         trade is due, at most {mb_workers} in flight). Warm-up {:.0} s (ours: and until the \
+         balance cache is loaded), window {secs:.0} s.\n",
+        mb_unit.label(),
+        warm.as_secs_f64()
+    );
+    println!("| offered trades/s | system | acked trades/s in window | p50 ms | p99 ms | p99.9 ms | errors |");
+    println!("|---:|---|---:|---:|---:|---:|---:|");
+    for (frac, rate, r, m) in &paced {
+        println!(
+            "| {rate:.0} ({:.0}% of LOGGED max) | ours: WAL + UNLOGGED, batch_max {paced_bm}, inflight {paced_inf}, CQL batches of <= {big_statements} statements | {:.0} | {} | {} | {} | 0 |",
+            frac * 100.0,
+            r.steady_tps(),
+            ms(pct(&r.ingest_lat, 0.5)),
+            ms(pct(&r.ingest_lat, 0.99)),
+            ms(pct(&r.ingest_lat, 0.999)),
+        );
+        println!(
+            "| {rate:.0} | {} x {mb_workers} | {:.0} | {} | {} | {} | {} |",
+            mb_unit.label(),
+            m.trades as f64 / m.secs,
+            ms(pct(&m.lat, 0.5)),
+            ms(pct(&m.lat, 0.99)),
+            ms(pct(&m.lat, 0.999)),
+            m.errors
+        );
+    }
+
+    if quick {
+        drop_keyspaces(&b, &[&ks_pipe, &ks_alt]).await;
+        return;
+    }
+
     // Targets.
     let best_ours = ours[..configs.len()]
         .iter()
@@ -1271,11 +1554,21 @@ async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>) {
         verdict(ratio >= 3.0)
     );
     println!(
-        "| ... at equal or better p99 | ours {} ms per micro-batch vs {} ms per LOGGED batch | {} |",
+        "| ... at equal or better p99 (saturated, closed loop: not equal load) | ours {} ms per micro-batch vs {} ms per LOGGED batch | {} |",
         ms(ours_p99),
         ms(mb_p99),
         verdict(ours_p99 <= mb_p99)
     );
+    for (frac, rate, r, m) in &paced {
+        let (o, l) = (pct(&r.ingest_lat, 0.99), pct(&m.lat, 0.99));
+        println!(
+            "| p99 at equal offered load {rate:.0} trades/s ({:.0}% of LOGGED max), per trade due to ack | ours {} ms vs LOGGED {} ms | {} |",
+            frac * 100.0,
+            ms(o),
+            ms(l),
+            verdict(o <= l)
+        );
+    }
     println!(
         "| ours rows/s >= 80% of raw single-row rows/s | {:.0} / {raw_best:.0} = {:.0}% | {} |",
         best_ours.run.steady_rps(),
@@ -1290,7 +1583,11 @@ async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>) {
     }
     println!("\nBest of ours: {}.\n", best_ours.label);
 
-    for ks in [&ks_pipe, &ks_alt] {
+    drop_keyspaces(&b, &[&ks_pipe, &ks_alt]).await;
+}
+
+async fn drop_keyspaces(b: &AltBench, keyspaces: &[&str]) {
+    for ks in keyspaces {
         let _ = b
             .ledger
             .session()
@@ -1382,8 +1679,8 @@ fn main() {
         } else {
             None
         };
-        if only.is_empty() || only == "cql" {
-            cql_section(&node, secs, instant_best).await;
+        if only.is_empty() || only == "cql" || only == "paced" {
+            cql_section(&node, secs, instant_best, only == "paced").await;
         }
     });
     println!(

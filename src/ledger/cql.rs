@@ -906,14 +906,20 @@ impl Inner {
             // is off for these rows); the "unlogged batch covering N partitions" advisory is
             // expected (that is the design).
             if warning.contains("exceeding") {
-                self.size_warnings.fetch_add(1, Ordering::Relaxed);
+                let seen = self.size_warnings.fetch_add(1, Ordering::Relaxed) + 1;
                 if let Some(bytes) = reported_batch_bytes(warning) {
                     self.largest_warned_bytes
                         .fetch_max(bytes, Ordering::Relaxed);
                 }
                 metrics::counter!("settlement_store_batch_size_warnings_total").increment(1);
                 let estimated_bytes: usize = rows.iter().map(RowValues::estimated_bytes).sum();
-                tracing::warn!(store = %self.config.display_url(), %warning, statements = rows.len(), estimated_bytes, "store warned about a batch's size");
+                // Logged at the 1st, 2nd, 4th, 8th... occurrence, not once per batch: with
+                // batch_bytes raised on purpose every batch warns. The metric counts them all.
+                if seen.is_power_of_two() {
+                    tracing::warn!(store = %self.config.display_url(), %warning, statements = rows.len(), estimated_bytes, warnings_so_far = seen, "store warned about a batch's size (logged at the 1st, 2nd, 4th, ... occurrence; settlement_store_batch_size_warnings_total counts all)");
+                } else {
+                    tracing::debug!(store = %self.config.display_url(), %warning, statements = rows.len(), estimated_bytes, "store warned about a batch's size");
+                }
             } else {
                 tracing::debug!(store = %self.config.display_url(), %warning, "store warning");
             }
