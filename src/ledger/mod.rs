@@ -344,9 +344,9 @@ pub(crate) fn validate_lookup(keys: &[EventKey]) -> Result<()> {
 /// that is left out is older than one that is kept for the same row, and rows keep the newest
 /// LSN whatever order writes land in (P4).
 pub fn coalesce(writes: Vec<EntryWrites>) -> Vec<EntryWrites> {
-    use std::collections::btree_map::Entry;
-    let mut rows: std::collections::BTreeMap<BalanceKey, (Amount, Lsn)> = Default::default();
     let mut out: Vec<EntryWrites> = Vec::with_capacity(writes.len() + 1);
+    let mut balances: Vec<BalanceWrite> =
+        Vec::with_capacity(writes.iter().map(|w| w.balances.len()).sum());
     let mut last_lsn = None;
     for w in writes {
         last_lsn = last_lsn.max(Some(w.lsn));
@@ -357,30 +357,27 @@ pub fn coalesce(writes: Vec<EntryWrites>) -> Vec<EntryWrites> {
                 balances: Vec::new(),
             });
         }
-        for b in w.balances {
-            last_lsn = last_lsn.max(Some(b.lsn));
-            match rows.entry(b.key) {
-                Entry::Vacant(slot) => {
-                    slot.insert((b.amount, b.lsn));
-                }
-                Entry::Occupied(mut slot) => {
-                    if b.lsn >= slot.get().1 {
-                        *slot.get_mut() = (b.amount, b.lsn);
-                    }
-                }
-            }
+        balances.extend(w.balances);
+    }
+    if balances.is_empty() {
+        return out;
+    }
+    // One sort instead of a map: by row, then LSN. The sort is stable, so of equal LSNs the
+    // later write stays later, and the last write of each row's run is the one to keep.
+    balances.sort_by(|a, b| a.key.cmp(&b.key).then(a.lsn.cmp(&b.lsn)));
+    let mut rows: Vec<BalanceWrite> = Vec::with_capacity(balances.len());
+    for b in balances {
+        last_lsn = last_lsn.max(Some(b.lsn));
+        match rows.last_mut() {
+            Some(newest) if newest.key == b.key => *newest = b,
+            _ => rows.push(b),
         }
     }
-    if let (Some(lsn), false) = (last_lsn, rows.is_empty()) {
-        out.push(EntryWrites {
-            lsn,
-            event: None,
-            balances: rows
-                .into_iter()
-                .map(|(key, (amount, lsn))| BalanceWrite { key, amount, lsn })
-                .collect(),
-        });
-    }
+    out.push(EntryWrites {
+        lsn: last_lsn.expect("balances were not empty"),
+        event: None,
+        balances: rows,
+    });
     out
 }
 
