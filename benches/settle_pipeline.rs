@@ -75,8 +75,9 @@ use tokio::sync::{mpsc, watch};
 /// trades/s measured in the same run.
 const PACED_FRACTIONS: [f64; 2] = [0.5, 0.8];
 
-/// Our (batch_max, inflight) in the equal-load runs (`PIPELINE_BENCH_PACED` overrides).
-const PACED_SETTINGS: (usize, usize) = (500, 8);
+/// Our (batch_max, inflight, batch_delay_ms) in the equal-load runs (`PIPELINE_BENCH_PACED`
+/// overrides).
+const PACED_SETTINGS: (usize, usize, u64) = (500, 8, 2);
 
 /// Users trading (balance rows: 3 per user).
 const USERS: u64 = 10_000;
@@ -1381,25 +1382,28 @@ async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>, quick: bo
     let Unit::Logged(mb_n) = mb_unit else {
         unreachable!()
     };
-    // PIPELINE_BENCH_PACED=BATCH_MAX,INFLIGHT: our settings in the paced runs.
-    let (paced_bm, paced_inf) = std::env::var("PIPELINE_BENCH_PACED")
+    // PIPELINE_BENCH_PACED=BATCH_MAX,INFLIGHT,DELAY_MS: our settings in the paced runs.
+    let (paced_bm, paced_inf, paced_delay_ms) = std::env::var("PIPELINE_BENCH_PACED")
         .ok()
         .and_then(|v| {
-            let (a, b) = v.split_once(',')?;
-            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+            let mut it = v.split(',').map(|x| x.trim().parse::<usize>().ok());
+            Some((it.next()??, it.next()??, it.next()?? as u64))
         })
         .unwrap_or(PACED_SETTINGS);
     let mut paced: Vec<(f64, f64, PipeRun, Measured)> = Vec::new();
     for frac in PACED_FRACTIONS {
         let rate = (frac * mb_max / 100.0).round().max(1.0) * 100.0;
         eprintln!(
-            "cql: equal offered load {rate:.0} trades/s: ours (batch_max {paced_bm}, inflight {paced_inf})..."
+            "cql: equal offered load {rate:.0} trades/s: ours (batch_max {paced_bm}, inflight {paced_inf}, delay {paced_delay_ms} ms)..."
         );
         let r = pipeline_run(
             &big,
             wal.path(),
             Source::Paced { rate, warm, window },
-            settings(paced_bm, paced_inf),
+            PipelineSettings {
+                batch_delay_ms: paced_delay_ms,
+                ..settings(paced_bm, paced_inf)
+            },
         )
         .await;
         eprintln!(
@@ -1502,19 +1506,23 @@ async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>, quick: bo
         mb_unit.label(),
         warm.as_secs_f64()
     );
-    println!("| offered trades/s | system | acked trades/s in window | p50 ms | p99 ms | p99.9 ms | errors |");
-    println!("|---:|---|---:|---:|---:|---:|---:|");
+    println!("| offered trades/s | system | acked trades/s in window | p50 ms | p99 ms | p99.9 ms | errors | ours: WAL append+sync p50 / p99 ms | ours: store apply p50 / p99 ms |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for (frac, rate, r, m) in &paced {
         println!(
-            "| {rate:.0} ({:.0}% of LOGGED max) | ours: WAL + UNLOGGED, batch_max {paced_bm}, inflight {paced_inf}, CQL batches of <= {big_statements} statements | {:.0} | {} | {} | {} | 0 |",
+            "| {rate:.0} ({:.0}% of LOGGED max) | ours: WAL + UNLOGGED, batch_max {paced_bm}, inflight {paced_inf}, batch_delay_ms {paced_delay_ms}, CQL batches of <= {big_statements} statements | {:.0} | {} | {} | {} | 0 | {} / {} | {} / {} |",
             frac * 100.0,
             r.steady_tps(),
             ms(pct(&r.ingest_lat, 0.5)),
             ms(pct(&r.ingest_lat, 0.99)),
             ms(pct(&r.ingest_lat, 0.999)),
+            ms(pct(&r.sync_lat, 0.5)),
+            ms(pct(&r.sync_lat, 0.99)),
+            ms(pct(&r.apply_lat, 0.5)),
+            ms(pct(&r.apply_lat, 0.99)),
         );
         println!(
-            "| {rate:.0} | {} x {mb_workers} | {:.0} | {} | {} | {} | {} |",
+            "| {rate:.0} | {} x {mb_workers} | {:.0} | {} | {} | {} | {} | - | - |",
             mb_unit.label(),
             m.trades as f64 / m.secs,
             ms(pct(&m.lat, 0.5)),
