@@ -18,14 +18,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use scylla::statement::batch::{Batch, BatchType};
-use scylla::statement::prepared::PreparedStatement;
-use scylla::statement::Consistency;
 use settlement_wal::ledger::conformance::trade_entry;
 use settlement_wal::ledger::cql::CqlLedger;
-use settlement_wal::ledger::{EntryWrites, EventRow, Ledger, LedgerError, StoreUrl};
+use settlement_wal::ledger::{EntryWrites, Ledger, LedgerError, StoreUrl};
+
+mod common;
+use common::{measure, pct, LoggedStatements, Measured};
 
 /// What one worker does per iteration.
 #[derive(Clone, Copy, Debug)]
@@ -72,8 +72,7 @@ impl Unit {
 
 struct Bench {
     ledger: CqlLedger,
-    insert_trade: PreparedStatement,
-    insert_balance: PreparedStatement,
+    statements: LoggedStatements,
     /// LSNs / trade ids, unique across the whole run.
     next: AtomicU64,
 }
@@ -87,67 +86,6 @@ fn trade(lsn: u64) -> EntryWrites {
     trade_entry(lsn, lsn, buyer, seller, [q, -q * 65_000, -q, q * 65_000])
 }
 
-/// A LOGGED batch (and its values) for `entries`, statements as in `CqlLedger::apply`.
-fn logged_batch(b: &Bench, entries: &[EntryWrites]) -> (Batch, Vec<Vals>) {
-    let mut batch = Batch::new(BatchType::Logged);
-    batch.set_consistency(Consistency::One);
-    batch.set_is_idempotent(true);
-    let mut values = Vec::with_capacity(entries.len() * 5);
-    for e in entries {
-        if let Some(EventRow::Trade(t)) = &e.event {
-            batch.append_statement(b.insert_trade.clone());
-            let lsn = t.lsn as i64;
-            values.push(Vals::Trade((
-                t.trade_id as i64,
-                t.output_sequence as i64,
-                t.symbol.clone(),
-                t.buyer_user_id as i64,
-                t.seller_user_id as i64,
-                t.price,
-                t.quantity,
-                t.timestamp_ns,
-                lsn,
-                lsn,
-            )));
-        }
-        for w in &e.balances {
-            batch.append_statement(b.insert_balance.clone());
-            let lsn = w.lsn as i64;
-            values.push(Vals::Balance((
-                w.key.user_id as i64,
-                w.key.asset.clone(),
-                w.amount,
-                lsn,
-                lsn,
-            )));
-        }
-    }
-    (batch, values)
-}
-
-/// Batch values of mixed statements (the driver needs one type per batch).
-enum Vals {
-    Trade((i64, i64, String, i64, i64, i64, i64, i64, i64, i64)),
-    Balance((i64, String, i64, i64, i64)),
-}
-
-impl scylla::serialize::row::SerializeRow for Vals {
-    fn serialize(
-        &self,
-        ctx: &scylla::serialize::row::RowSerializationContext<'_>,
-        writer: &mut scylla::serialize::writers::RowWriter,
-    ) -> Result<(), scylla::serialize::SerializationError> {
-        match self {
-            Vals::Trade(v) => v.serialize(ctx, writer),
-            Vals::Balance(v) => v.serialize(ctx, writer),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        false
-    }
-}
-
 async fn run_unit(b: &Bench, unit: Unit) -> Result<(), String> {
     match unit {
         Unit::Logged(n) | Unit::Apply(n) => {
@@ -156,7 +94,7 @@ async fn run_unit(b: &Bench, unit: Unit) -> Result<(), String> {
             if let Unit::Apply(_) = unit {
                 b.ledger.apply(&entries).await.map_err(|e| e.to_string())
             } else {
-                let (batch, values) = logged_batch(b, &entries);
+                let (batch, values) = b.statements.logged_batch(&entries);
                 b.ledger
                     .session()
                     .batch(&batch, &values)
@@ -169,7 +107,10 @@ async fn run_unit(b: &Bench, unit: Unit) -> Result<(), String> {
             let lsn = b.next.fetch_add(1, Ordering::Relaxed) as i64;
             b.ledger
                 .session()
-                .execute_unpaged(&b.insert_balance, (lsn % 100_000, "BTC", lsn, lsn, lsn))
+                .execute_unpaged(
+                    &b.statements.insert_balance,
+                    (lsn % 100_000, "BTC", lsn, lsn, lsn),
+                )
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string())
@@ -177,72 +118,18 @@ async fn run_unit(b: &Bench, unit: Unit) -> Result<(), String> {
     }
 }
 
-struct Measured {
-    units: u64,
-    trades: u64,
-    errors: u64,
-    secs: f64,
-    p50: Duration,
-    p99: Duration,
-    first_error: Option<String>,
+/// Runs `unit` on `workers` tasks for `secs` seconds.
+async fn measure_unit(b: &Arc<Bench>, unit: Unit, workers: usize, secs: f64) -> Measured {
+    let b = Arc::clone(b);
+    measure(workers, secs, move || {
+        let b = Arc::clone(&b);
+        async move { run_unit(&b, unit).await }
+    })
+    .await
 }
 
-async fn measure(b: &Arc<Bench>, unit: Unit, workers: usize, secs: f64) -> Measured {
-    let t0 = Instant::now();
-    let deadline = t0 + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let b = Arc::clone(b);
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
-            let mut first_error = None;
-            while Instant::now() < deadline {
-                let s = Instant::now();
-                match run_unit(&b, unit).await {
-                    Ok(()) => lat.push(s.elapsed()),
-                    Err(e) => {
-                        errors += 1;
-                        first_error.get_or_insert(e);
-                    }
-                }
-            }
-            (lat, errors, first_error)
-        }));
-    }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    let mut first_error = None;
-    for t in tasks {
-        let (lat, e, fe) = t.await.unwrap();
-        all.extend(lat);
-        errors += e;
-        if first_error.is_none() {
-            first_error = fe;
-        }
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    all.sort();
-    let pct = |p: f64| {
-        if all.is_empty() {
-            Duration::ZERO
-        } else {
-            all[((all.len() as f64 * p) as usize).min(all.len() - 1)]
-        }
-    };
-    Measured {
-        units: all.len() as u64,
-        trades: all.len() as u64 * unit.trades(),
-        errors,
-        secs,
-        p50: pct(0.50),
-        p99: pct(0.99),
-        first_error,
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1e3)
+fn ms(secs: f64) -> String {
+    format!("{:.2}", secs * 1e3)
 }
 
 fn main() {
@@ -287,36 +174,16 @@ async fn run(node: String, secs: f64, levels: Vec<usize>) {
         }
         Err(e) => panic!("connect: {e}"),
     };
-    let prep = |cql: String| {
-        let s = ledger.session();
-        async move {
-            let mut p = s.prepare(cql).await.unwrap();
-            p.set_is_idempotent(true);
-            p.set_consistency(Consistency::One);
-            p
-        }
-    };
-    let insert_trade = prep(format!(
-        "INSERT INTO {keyspace}.trades (trade_id, output_sequence, symbol, buyer_user_id, \
-         seller_user_id, price, quantity, timestamp_ns, lsn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         USING TIMESTAMP ?"
-    ))
-    .await;
-    let insert_balance = prep(format!(
-        "INSERT INTO {keyspace}.balances (user_id, asset, amount, last_lsn) VALUES (?, ?, ?, ?) \
-         USING TIMESTAMP ?"
-    ))
-    .await;
+    let statements = LoggedStatements::prepare(ledger.session(), &keyspace).await;
     let cfg = ledger.config().clone();
     let b = Arc::new(Bench {
         ledger,
-        insert_trade,
-        insert_balance,
+        statements,
         next: AtomicU64::new(1),
     });
 
     eprintln!("warming up (JIT, connections) for {secs} s...");
-    let _ = measure(&b, Unit::Apply(10), 8, secs).await;
+    let _ = measure_unit(&b, Unit::Apply(10), 8, secs).await;
 
     let mut units = vec![Unit::Logged(1), Unit::Logged(10), Unit::Logged(50)];
     units.extend([Unit::Apply(1), Unit::Apply(10), Unit::Apply(50)]);
@@ -332,16 +199,16 @@ async fn run(node: String, secs: f64, levels: Vec<usize>) {
     println!("|---|---:|---:|---:|---|---:|---:|---:|");
     for &unit in &units {
         for &w in &levels {
-            let m = measure(&b, unit, w, secs).await;
-            let tps = m.trades as f64 / m.secs;
+            let m = measure_unit(&b, unit, w, secs).await;
+            let tps = (m.units * unit.trades()) as f64 / m.secs;
             println!(
                 "| {} | {w} | {:.0} | {:.0} | {} | {} | {} | {} |",
                 unit.label(),
                 tps,
                 tps * 5.0,
                 unit.latency_unit(),
-                ms(m.p50),
-                ms(m.p99),
+                ms(pct(&m.lat, 0.50)),
+                ms(pct(&m.lat, 0.99)),
                 m.errors
             );
             if let Some(e) = m.first_error {
@@ -357,7 +224,7 @@ async fn run(node: String, secs: f64, levels: Vec<usize>) {
         }
     }
     for &w in &raw_levels {
-        let m = measure(&b, Unit::Row, w, secs).await;
+        let m = measure_unit(&b, Unit::Row, w, secs).await;
         let rps = m.units as f64 / m.secs;
         best = best.max(rps);
         println!(
@@ -366,8 +233,8 @@ async fn run(node: String, secs: f64, levels: Vec<usize>) {
             rps / 5.0,
             rps,
             Unit::Row.latency_unit(),
-            ms(m.p50),
-            ms(m.p99),
+            ms(pct(&m.lat, 0.50)),
+            ms(pct(&m.lat, 0.99)),
             m.errors
         );
     }

@@ -51,9 +51,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use scylla::statement::batch::{Batch, BatchType};
-use scylla::statement::prepared::PreparedStatement;
-use scylla::statement::Consistency;
 use settlement_wal::app::messages_source;
 use settlement_wal::ingest::SOURCE_QUEUE_DEPTH;
 use settlement_wal::ledger::conformance::trade_entry;
@@ -70,6 +67,9 @@ use settlement_wal::settle::{
 use settlement_wal::wal::format::DEFAULT_SEGMENT_SIZE_BYTES;
 use settlement_wal::wal::{Lsn, Wal, WalOptions};
 use tokio::sync::{mpsc, watch};
+
+mod common;
+use common::{pct, LoggedStatements};
 
 /// Offered loads of the equal-load comparison, as fractions of the best micro-batched LOGGED
 /// trades/s measured in the same run.
@@ -176,13 +176,6 @@ fn in_window(samples: &[(Instant, f64)], window: Option<(Instant, Instant)>) -> 
         .collect();
     v.sort_by(f64::total_cmp);
     v
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
 fn ms(secs: f64) -> String {
@@ -973,8 +966,7 @@ impl Unit {
 
 struct AltBench {
     ledger: CqlLedger,
-    insert_trade: PreparedStatement,
-    insert_balance: PreparedStatement,
+    statements: LoggedStatements,
     next: AtomicU64,
 }
 
@@ -987,71 +979,12 @@ fn alt_trade(lsn: u64) -> EntryWrites {
     trade_entry(lsn, lsn, buyer, seller, [q, -q * 65_000, -q, q * 65_000])
 }
 
-enum Vals {
-    Trade((i64, i64, String, i64, i64, i64, i64, i64, i64, i64)),
-    Balance((i64, String, i64, i64, i64)),
-}
-
-impl scylla::serialize::row::SerializeRow for Vals {
-    fn serialize(
-        &self,
-        ctx: &scylla::serialize::row::RowSerializationContext<'_>,
-        writer: &mut scylla::serialize::writers::RowWriter,
-    ) -> Result<(), scylla::serialize::SerializationError> {
-        match self {
-            Vals::Trade(v) => v.serialize(ctx, writer),
-            Vals::Balance(v) => v.serialize(ctx, writer),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        false
-    }
-}
-
-fn logged_batch(b: &AltBench, entries: &[EntryWrites]) -> (Batch, Vec<Vals>) {
-    let mut batch = Batch::new(BatchType::Logged);
-    batch.set_consistency(Consistency::One);
-    batch.set_is_idempotent(true);
-    let mut values = Vec::with_capacity(entries.len() * 5);
-    for e in entries {
-        if let Some(EventRow::Trade(t)) = &e.event {
-            batch.append_statement(b.insert_trade.clone());
-            let lsn = t.lsn as i64;
-            values.push(Vals::Trade((
-                t.trade_id as i64,
-                t.output_sequence as i64,
-                t.symbol.clone(),
-                t.buyer_user_id as i64,
-                t.seller_user_id as i64,
-                t.price,
-                t.quantity,
-                t.timestamp_ns,
-                lsn,
-                lsn,
-            )));
-        }
-        for w in &e.balances {
-            batch.append_statement(b.insert_balance.clone());
-            let lsn = w.lsn as i64;
-            values.push(Vals::Balance((
-                w.key.user_id as i64,
-                w.key.asset.clone(),
-                w.amount,
-                lsn,
-                lsn,
-            )));
-        }
-    }
-    (batch, values)
-}
-
 async fn run_unit(b: &AltBench, unit: Unit) -> Result<(), String> {
     match unit {
         Unit::Logged(n) => {
             let first = b.next.fetch_add(n as u64, Ordering::Relaxed);
             let entries: Vec<EntryWrites> = (first..first + n as u64).map(alt_trade).collect();
-            let (batch, values) = logged_batch(b, &entries);
+            let (batch, values) = b.statements.logged_batch(&entries);
             b.ledger
                 .session()
                 .batch(&batch, &values)
@@ -1063,7 +996,10 @@ async fn run_unit(b: &AltBench, unit: Unit) -> Result<(), String> {
             let lsn = b.next.fetch_add(1, Ordering::Relaxed) as i64;
             b.ledger
                 .session()
-                .execute_unpaged(&b.insert_balance, (lsn % 100_000, "BTC", lsn, lsn, lsn))
+                .execute_unpaged(
+                    &b.statements.insert_balance,
+                    (lsn % 100_000, "BTC", lsn, lsn, lsn),
+                )
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string())
@@ -1079,45 +1015,23 @@ struct Measured {
     lat: Vec<f64>,
 }
 
+/// Closed loop: `workers` tasks each run `unit` back to back for `secs` seconds.
 async fn measure(b: &Arc<AltBench>, unit: Unit, workers: usize, secs: f64) -> Measured {
-    let t0 = Instant::now();
-    let deadline = t0 + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let b = Arc::clone(b);
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
-            while Instant::now() < deadline {
-                let s = Instant::now();
-                match run_unit(&b, unit).await {
-                    Ok(()) => lat.push(s.elapsed().as_secs_f64()),
-                    Err(e) => {
-                        if errors == 0 {
-                            eprintln!("  {}: first error: {e}", unit.label());
-                        }
-                        errors += 1;
-                    }
-                }
-            }
-            (lat, errors)
-        }));
+    let bench = Arc::clone(b);
+    let m = common::measure(workers, secs, move || {
+        let b = Arc::clone(&bench);
+        async move { run_unit(&b, unit).await }
+    })
+    .await;
+    if let Some(e) = &m.first_error {
+        eprintln!("  {}: first error: {e}", unit.label());
     }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (lat, e) = t.await.unwrap();
-        all.extend(lat);
-        errors += e;
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    all.sort_by(f64::total_cmp);
     Measured {
-        units: all.len() as u64,
-        trades: all.len() as u64 * unit.trades(),
-        errors,
-        secs,
-        lat: all,
+        units: m.units,
+        trades: m.units * unit.trades(),
+        errors: m.errors,
+        secs: m.secs,
+        lat: m.lat,
     }
 }
 
@@ -1251,30 +1165,10 @@ async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>, quick: bo
     let big_statements = big_cql.config().max_statements_per_batch;
     let big = Arc::new(CountingLedger::new(Arc::new(big_cql)));
     let alt = connect(node, &ks_alt).await;
-    let prep = |cql: String| {
-        let s = alt.session();
-        async move {
-            let mut p = s.prepare(cql).await.expect("prepare");
-            p.set_is_idempotent(true);
-            p.set_consistency(Consistency::One);
-            p
-        }
-    };
-    let insert_trade = prep(format!(
-        "INSERT INTO {ks_alt}.trades (trade_id, output_sequence, symbol, buyer_user_id, \
-         seller_user_id, price, quantity, timestamp_ns, lsn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         USING TIMESTAMP ?"
-    ))
-    .await;
-    let insert_balance = prep(format!(
-        "INSERT INTO {ks_alt}.balances (user_id, asset, amount, last_lsn) VALUES (?, ?, ?, ?) \
-         USING TIMESTAMP ?"
-    ))
-    .await;
+    let statements = LoggedStatements::prepare(alt.session(), &ks_alt).await;
     let b = Arc::new(AltBench {
         ledger: alt,
-        insert_trade,
-        insert_balance,
+        statements,
         next: AtomicU64::new(1),
     });
 
