@@ -53,7 +53,8 @@ pub struct PipelineSettings {
     pub batch_max: usize,
     /// ... or when its first event has waited this long.
     pub batch_delay_ms: u64,
-    /// Store batches in flight at once.
+    /// Store applies in flight at once. Micro-batches that wait for a free slot are merged
+    /// into one apply of up to `batch_max` events when it frees.
     pub inflight: usize,
     /// Gap handling.
     pub on_gap: GapPolicy,
@@ -291,6 +292,7 @@ impl Pipeline {
             self.ledger.clone(),
             batch_rx,
             self.settings.inflight,
+            self.settings.batch_max,
             self.settings.checkpoint_every_batches,
             self.acked_batch.clone(),
         ));
@@ -576,8 +578,9 @@ fn sync_loop(
     Ok(())
 }
 
-/// An applied batch: `(batch, first LSN, last LSN, events, started)`, or why it failed.
-type BatchOutcome = Result<(u64, Lsn, Lsn, u64, Instant), SettleError>;
+/// The batches one apply wrote, each as `(batch, first LSN, last LSN, events, started)`, or why
+/// it failed.
+type BatchOutcome = Result<Vec<(u64, Lsn, Lsn, u64, Instant)>, SettleError>;
 
 /// The highest write batch below which every batch is acknowledged (batches complete out of
 /// order with several in flight); published for the balance cache's eviction.
@@ -614,6 +617,7 @@ async fn apply_loop(
     ledger: Arc<dyn Ledger>,
     mut batches: mpsc::Receiver<DurableBatch>,
     inflight: usize,
+    merge_max_events: usize,
     checkpoint_every: usize,
     acked_batch: Arc<AtomicU64>,
 ) -> Result<u64, SettleError> {
@@ -628,15 +632,37 @@ async fn apply_loop(
             tokio::select! {
                 b = batches.recv() => match b {
                     Some(b) => {
+                        // Batches that queued up while every slot was busy (a slow store) go out
+                        // as one apply, up to `merge_max_events`: the backlog drains in fewer,
+                        // larger applies instead of one slot per small micro-batch.
+                        let mut group = vec![b];
+                        let mut events = group[0].entries.len();
+                        while events < merge_max_events {
+                            match batches.try_recv() {
+                                Ok(next) => {
+                                    events += next.entries.len();
+                                    group.push(next);
+                                }
+                                Err(_) => break,
+                            }
+                        }
                         let ledger = ledger.clone();
                         running.spawn(async move {
-                            let writes = coalesce(b.entries);
+                            let (first_lsn, last_lsn) =
+                                (group[0].first_lsn, group[group.len() - 1].last_lsn);
+                            let mut applied = Vec::with_capacity(group.len());
+                            let mut entries = Vec::with_capacity(events);
+                            for b in group {
+                                applied.push((b.batch, b.first_lsn, b.last_lsn, b.events, b.started));
+                                entries.extend(b.entries);
+                            }
+                            let writes = coalesce(entries);
                             ledger.apply(&writes).await.map_err(|e| SettleError::Store {
-                                first_lsn: b.first_lsn,
-                                last_lsn: b.last_lsn,
+                                first_lsn,
+                                last_lsn,
                                 source: e,
                             })?;
-                            Ok((b.batch, b.first_lsn, b.last_lsn, b.events, b.started))
+                            Ok(applied)
                         });
                         continue;
                     }
@@ -681,16 +707,19 @@ fn on_done(
     acked: &mut AckedBatches,
 ) -> Result<(), SettleError> {
     match done {
-        Ok(Ok((batch, first, last, events, started))) => {
-            // P2: the marker only after the store acknowledged every write of the batch.
-            wal.commit_range(first, last)?;
-            acked.acked(batch);
-            *settled += events;
-            *acked_batches += 1;
-            metrics::counter!("settlement_settled_total").increment(events);
-            metrics::histogram!("settlement_batch_seconds").record(started.elapsed().as_secs_f64());
-            if *acked_batches % checkpoint_every == 0 {
-                tokio::task::block_in_place(|| wal.checkpoint())?;
+        Ok(Ok(applied)) => {
+            for (batch, first, last, events, started) in applied {
+                // P2: the marker only after the store acknowledged every write of the batch.
+                wal.commit_range(first, last)?;
+                acked.acked(batch);
+                *settled += events;
+                *acked_batches += 1;
+                metrics::counter!("settlement_settled_total").increment(events);
+                metrics::histogram!("settlement_batch_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                if *acked_batches % checkpoint_every == 0 {
+                    tokio::task::block_in_place(|| wal.checkpoint())?;
+                }
             }
         }
         Ok(Err(e)) => {
