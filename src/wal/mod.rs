@@ -256,8 +256,10 @@ pub struct Wal {
     state: Mutex<State>,
     /// Group commit: who syncs, who waits, the durable LSN.
     barrier: SyncBarrier,
-    /// Populates the pages ahead of the write offset (`None`: inline, in the appender).
-    prefaulter: Option<Prefaulter>,
+    /// Populates the pages ahead of the write offset. Started by the first prefault request
+    /// after the WAL has appended one window's worth of bytes (a small WAL, as in tests and
+    /// fuzzing, never starts a thread); `None` inside when it could not be spawned (inline).
+    prefaulter: std::sync::OnceLock<Option<Prefaulter>>,
     last_appended_lsn: AtomicU64,
     stat_records: AtomicU64,
     stat_bytes: AtomicU64,
@@ -416,7 +418,7 @@ impl Wal {
                 failed: None,
             }),
             barrier: SyncBarrier::new(last, gather_wait),
-            prefaulter: Prefaulter::start(),
+            prefaulter: std::sync::OnceLock::new(),
             last_appended_lsn: AtomicU64::new(last),
             stat_records: AtomicU64::new(0),
             stat_bytes: AtomicU64::new(0),
@@ -809,9 +811,10 @@ impl Wal {
             let from = st.prefaulted_to.max(st.write_offset);
             let to = (from + PREFAULT_WINDOW_BYTES).min(seg.len_bytes);
             if to > from {
-                match &self.prefaulter {
-                    Some(p) => p.request(seg.clone(), from, to),
-                    None => prefault::populate(&seg, from, to),
+                let busy = self.stat_bytes.load(Ordering::Relaxed) >= PREFAULT_WINDOW_BYTES as u64;
+                match busy.then(|| self.prefaulter.get_or_init(Prefaulter::start)) {
+                    Some(Some(p)) => p.request(seg.clone(), from, to),
+                    _ => prefault::populate(&seg, from, to),
                 }
             }
             st.prefaulted_to = to;
