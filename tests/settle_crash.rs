@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{model, Rng};
 use settlement_wal::settle::demo::{generate, DemoSpec};
@@ -64,6 +64,25 @@ fn sigkill_at_random_moments_then_finish_settles_everything_exactly_once() {
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let args = run_args(dir.path(), &input);
 
+    // Kill moments scale with how long one whole run takes with this build (debug or
+    // release): up to 4x the mean share of the work per kill, so the kills spread over the
+    // whole input instead of the first run draining it (a fixed bound fit one build only).
+    let scratch = common::temp_dir();
+    let timed = Instant::now();
+    let out = settlement()
+        .args(run_args(scratch.path(), &input))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "timing run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let full_run_ms = timed.elapsed().as_millis() as u64;
+    drop(scratch);
+    let kill_max_ms = (4 * full_run_ms / kills.max(1)).max(100);
+    eprintln!("one whole run takes {full_run_ms} ms; kills at 30..{kill_max_ms} ms after start");
+
     let mut killed = 0;
     let mut finished_early = 0;
     let mut recoveries = 0;
@@ -75,7 +94,7 @@ fn sigkill_at_random_moments_then_finish_settles_everything_exactly_once() {
             .spawn()
             .unwrap();
         // Kill at a random moment: during start-up/recovery, mid-stream, near the end.
-        std::thread::sleep(Duration::from_millis(rng.range(30, 1500)));
+        std::thread::sleep(Duration::from_millis(rng.range(30, kill_max_ms)));
         // SAFETY: kill(2) of our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
         let status = child.wait().unwrap();
