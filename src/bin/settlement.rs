@@ -66,7 +66,8 @@ enum Command {
         /// ... or when its first event has waited this long.
         #[arg(long, default_value_t = 2)]
         batch_delay_ms: u64,
-        /// Store batches in flight (1..=256).
+        /// Store applies in flight (1..=256); micro-batches waiting for a free slot go out
+        /// together, as one apply of up to --batch-max events.
         #[arg(long, default_value_t = 8)]
         inflight: usize,
         /// Bound of the balance cache in rows (about 64 bytes each); past it, rows whose last
