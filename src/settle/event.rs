@@ -38,7 +38,13 @@ pub struct Trade {
 impl Trade {
     /// `BASE-QUOTE`.
     pub fn symbol(&self) -> String {
-        format!("{}-{}", self.base, self.quote)
+        // Not `format!`: this runs for every trade row, and the formatting machinery was 2% of
+        // the pipeline's CPU (perf, instant-ack bench).
+        let mut symbol = String::with_capacity(self.base.len() + 1 + self.quote.len());
+        symbol.push_str(&self.base);
+        symbol.push('-');
+        symbol.push_str(&self.quote);
+        symbol
     }
 
     /// `price * quantity`, checked at validation time.
