@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{model, Rng};
+use common::{assert_store_matches_model, model, Rng};
 use settlement_wal::settle::demo::{generate, DemoSpec};
 
 const NODE: &str = "127.0.0.1:9042";
@@ -105,38 +105,7 @@ fn settlement_on_cassandra_survives_sigkills_and_audits_clean() {
     );
 
     let want = model(&lines);
-    let out = settlement()
-        .args(["balances", "--json", "--store", &store])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    for r in &rows {
-        let key = (
-            r["user_id"].as_u64().unwrap(),
-            r["asset"].as_str().unwrap().to_string(),
-        );
-        assert_eq!(
-            r["amount"].as_i64().unwrap(),
-            *want.balances.get(&key).unwrap_or(&0),
-            "seed {seed}: {key:?}"
-        );
-    }
-    assert_eq!(
-        rows.iter().filter(|r| r["amount"] != 0).count(),
-        want.nonzero_balances().len()
-    );
-    let out = settlement()
-        .args(["audit", "--json", "--store", &store])
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(out.status.success(), "seed {seed}: audit failed: {report}");
-    assert_eq!(report["trades"].as_u64().unwrap(), want.trades.len() as u64);
+    assert_store_matches_model(&store, &want, &format!("seed {seed}"));
     eprintln!(
         "{kills} SIGKILLs, {recoveries} recoveries, {} trades verified on Cassandra",
         want.trades.len()

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{model, Rng};
+use common::{assert_store_matches_model, model, Rng};
 use settlement_wal::settle::demo::{generate, DemoSpec};
 
 fn settlement() -> Command {
@@ -120,50 +120,11 @@ fn sigkill_at_random_moments_then_finish_settles_everything_exactly_once() {
 
     let want = model(&lines);
     let store = format!("embedded:{}", dir.path().join("ledger.redb").display());
-    let out = settlement()
-        .args(["balances", "--json", "--store", &store])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let got: std::collections::BTreeMap<(u64, String), i64> = rows
-        .iter()
-        .map(|r| {
-            (
-                (
-                    r["user_id"].as_u64().unwrap(),
-                    r["asset"].as_str().unwrap().to_string(),
-                ),
-                r["amount"].as_i64().unwrap(),
-            )
-        })
-        .filter(|(_, a)| *a != 0)
-        .collect();
-    let want_balances = want.nonzero_balances();
-    assert_eq!(got.len(), want_balances.len(), "seed {seed}: balance rows");
-    for (k, a) in &want_balances {
-        assert_eq!(got.get(k), Some(a), "seed {seed}: balance of {k:?}");
-    }
-    let out = settlement()
-        .args(["audit", "--json", "--store", &store])
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(out.status.success(), "seed {seed}: audit failed: {report}");
-    assert_eq!(
-        report["trades"].as_u64().unwrap(),
-        want.trades.len() as u64,
-        "seed {seed}: every trade once"
-    );
-    assert_eq!(
-        report["movements"].as_u64().unwrap(),
-        want.movements.len() as u64,
-        "seed {seed}: every movement once"
-    );
+    let balances = assert_store_matches_model(&store, &want, &format!("seed {seed}"));
     eprintln!(
         "{killed} SIGKILLs ({finished_early} runs finished before their kill), {} trades and {} balances verified",
         want.trades.len(),
-        want_balances.len()
+        balances
     );
     assert!(
         killed >= kills / 2,

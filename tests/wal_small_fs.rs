@@ -25,7 +25,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{model, payload, SMALL_SEGMENT_BYTES};
+use common::{assert_store_matches_model, model, payload, SMALL_SEGMENT_BYTES};
 use settlement_wal::settle::demo::{generate, DemoSpec};
 use settlement_wal::wal::{inspect, Lsn, Wal, WalError, WalOptions};
 
@@ -442,39 +442,10 @@ fn settlement_stops_on_a_full_disk_and_recovers_after_space_is_freed() {
 
     // Exactly once, balances right, audit passes (P3, P7).
     let want = model(&lines);
-    let out = settlement(&["balances", "--json", "--store", &store]);
-    assert!(out.status.success());
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let got: std::collections::BTreeMap<(u64, String), i64> = rows
-        .iter()
-        .map(|r| {
-            (
-                (
-                    r["user_id"].as_u64().unwrap(),
-                    r["asset"].as_str().unwrap().to_string(),
-                ),
-                r["amount"].as_i64().unwrap(),
-            )
-        })
-        .filter(|(_, a)| *a != 0)
-        .collect();
-    assert_eq!(got, want.nonzero_balances(), "balances equal the model");
-    let out = settlement(&["audit", "--json", "--store", &store]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(out.status.success(), "audit failed: {report}");
-    assert_eq!(
-        report["trades"].as_u64().unwrap(),
-        want.trades.len() as u64,
-        "every trade once"
-    );
-    assert_eq!(
-        report["movements"].as_u64().unwrap(),
-        want.movements.len() as u64,
-        "every movement once"
-    );
+    let balances = assert_store_matches_model(&store, &want, test);
     eprintln!(
         "{test}: {} trades and {} balances verified, audit passed",
         want.trades.len(),
-        got.len()
+        balances
     );
 }

@@ -111,6 +111,59 @@ impl Model {
     }
 }
 
+/// Checks a settled store through the `settlement` binary, as an operator would: every nonzero
+/// balance (`balances --json`) equals the model's, and `audit --json` passes and counts every
+/// trade and every movement exactly once (P3, P7). `context` starts every failure message.
+/// Returns how many balance rows were verified.
+#[cfg(feature = "settlement")]
+pub fn assert_store_matches_model(store: &str, want: &Model, context: &str) -> usize {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_settlement"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["balances", "--json", "--store", store]);
+    assert!(
+        out.status.success(),
+        "{context}: balances failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let got: std::collections::BTreeMap<(u64, String), i64> = rows
+        .iter()
+        .map(|r| {
+            (
+                (
+                    r["user_id"].as_u64().unwrap(),
+                    r["asset"].as_str().unwrap().to_string(),
+                ),
+                r["amount"].as_i64().unwrap(),
+            )
+        })
+        .filter(|(_, a)| *a != 0)
+        .collect();
+    let want_balances = want.nonzero_balances();
+    assert_eq!(got.len(), want_balances.len(), "{context}: balance rows");
+    for (k, a) in &want_balances {
+        assert_eq!(got.get(k), Some(a), "{context}: balance of {k:?}");
+    }
+    let out = run(&["audit", "--json", "--store", store]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{context}: audit failed: {report}");
+    assert_eq!(
+        report["trades"].as_u64().unwrap(),
+        want.trades.len() as u64,
+        "{context}: every trade once"
+    );
+    assert_eq!(
+        report["movements"].as_u64().unwrap(),
+        want.movements.len() as u64,
+        "{context}: every movement once"
+    );
+    want_balances.len()
+}
+
 pub fn model(lines: &[String]) -> Model {
     use serde_json::Value;
     let mut m = Model::default();
