@@ -174,19 +174,7 @@ async fn read_event_lsns(
     ledger: &dyn Ledger,
     keys: &[EventKey],
 ) -> Result<Vec<Option<Lsn>>, SettleError> {
-    let mut out = Vec::with_capacity(keys.len());
-    for chunk in keys.chunks(RECOVERY_LOOKUP_KEYS) {
-        let found = ledger.event_lsns(chunk).await?;
-        if found.len() != chunk.len() {
-            return Err(answer_count_error(
-                "event lookups",
-                found.len(),
-                chunk.len(),
-            ));
-        }
-        out.extend(found);
-    }
-    Ok(out)
+    read_in_chunks(keys, "event lookups", |chunk| ledger.event_lsns(chunk)).await
 }
 
 /// Each (distinct) balance row, [`RECOVERY_LOOKUP_KEYS`] per call.
@@ -194,17 +182,28 @@ async fn read_balance_rows(
     ledger: &dyn Ledger,
     keys: &[BalanceKey],
 ) -> Result<HashMap<BalanceKey, Option<BalanceRow>>, SettleError> {
-    let mut out = HashMap::with_capacity(keys.len());
+    let found = read_in_chunks(keys, "balance reads", |chunk| ledger.read_balances(chunk)).await?;
+    Ok(keys.iter().cloned().zip(found).collect())
+}
+
+/// One answer per key, asking `read` for [`RECOVERY_LOOKUP_KEYS`] keys at a time; a store
+/// that answers a call with the wrong number of values is an error (`what` names the reads).
+async fn read_in_chunks<'a, K, V, F, Fut>(
+    keys: &'a [K],
+    what: &str,
+    read: F,
+) -> Result<Vec<V>, SettleError>
+where
+    F: Fn(&'a [K]) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<V>, LedgerError>>,
+{
+    let mut out = Vec::with_capacity(keys.len());
     for chunk in keys.chunks(RECOVERY_LOOKUP_KEYS) {
-        let found = ledger.read_balances(chunk).await?;
+        let found = read(chunk).await?;
         if found.len() != chunk.len() {
-            return Err(answer_count_error(
-                "balance reads",
-                found.len(),
-                chunk.len(),
-            ));
+            return Err(answer_count_error(what, found.len(), chunk.len()));
         }
-        out.extend(chunk.iter().cloned().zip(found));
+        out.extend(found);
     }
     Ok(out)
 }
