@@ -25,7 +25,7 @@ use settlement_wal::ledger::cql::CqlLedger;
 use settlement_wal::ledger::{EntryWrites, Ledger, LedgerError, StoreUrl};
 
 mod common;
-use common::{measure, pct, LoggedStatements, Measured};
+use common::{measure, ms, pct, LoggedStatements, Measured};
 
 /// What one worker does per iteration.
 #[derive(Clone, Copy, Debug)]
@@ -126,10 +126,6 @@ async fn measure_unit(b: &Arc<Bench>, unit: Unit, workers: usize, secs: f64) -> 
         async move { run_unit(&b, unit).await }
     })
     .await
-}
-
-fn ms(secs: f64) -> String {
-    format!("{:.2}", secs * 1e3)
 }
 
 fn main() {

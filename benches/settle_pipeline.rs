@@ -69,7 +69,7 @@ use settlement_wal::wal::{Lsn, Wal, WalOptions};
 use tokio::sync::{mpsc, watch};
 
 mod common;
-use common::{pct, LoggedStatements};
+use common::{ms, pct, LoggedStatements};
 
 /// Offered loads of the equal-load comparison, as fractions of the best micro-batched LOGGED
 /// trades/s measured in the same run.
@@ -176,14 +176,6 @@ fn in_window(samples: &[(Instant, f64)], window: Option<(Instant, Instant)>) -> 
         .collect();
     v.sort_by(f64::total_cmp);
     v
-}
-
-fn ms(secs: f64) -> String {
-    if secs.is_nan() {
-        "-".into()
-    } else {
-        format!("{:.2}", secs * 1e3)
-    }
 }
 
 // ------------------------------------------------------------------------------------------

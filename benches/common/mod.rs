@@ -169,3 +169,12 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
     }
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
+
+/// Seconds as milliseconds with two decimals; "-" when there was no sample (NaN).
+pub fn ms(secs: f64) -> String {
+    if secs.is_nan() {
+        "-".into()
+    } else {
+        format!("{:.2}", secs * 1e3)
+    }
+}
