@@ -833,6 +833,7 @@ impl Wal {
     fn roll(&self, st: &mut State) -> Result<()> {
         let active = st.segments.last().expect("an active segment").clone();
         if st.write_offset > st.sync_from {
+            active.release_synced_pages(st.sync_from, st.write_offset);
             if let Err(e) = self.options.fs.sync_range(
                 active.map(),
                 &active.path,
@@ -882,6 +883,7 @@ impl Wal {
             (seg, range.0, range.1, st.next_lsn - 1)
         };
         if to > from {
+            seg.release_synced_pages(from, to);
             if let Err(e) = self
                 .options
                 .fs
