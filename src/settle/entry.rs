@@ -10,7 +10,7 @@ use crate::ledger::{
     Amount, BalanceKey, BalanceWrite, EntryWrites, EventRow, MovementKind, MovementRow, TradeRow,
     UserId, MAX_ASSET_LEN_BYTES,
 };
-use crate::wal::format::{decode_payload, encode_payload};
+use crate::wal::format::{decode_payload, encode_payload, encode_payload_into};
 use crate::wal::Lsn;
 
 /// The payload of one settlement WAL entry (bincode, fixed-int little-endian).
@@ -26,6 +26,12 @@ impl SettlementEntry {
     /// Encodes the WAL payload.
     pub fn encode(&self) -> Vec<u8> {
         encode_payload(self).expect("a settlement entry always encodes")
+    }
+
+    /// Appends the WAL payload to `buf` (the bytes of [`SettlementEntry::encode`]) and returns
+    /// its length.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) -> usize {
+        encode_payload_into(self, buf).expect("a settlement entry always encodes")
     }
 
     /// Decodes a WAL payload written by [`SettlementEntry::encode`].
@@ -510,6 +516,11 @@ mod tests {
         let e = c.settle(t).unwrap();
         assert_eq!(SettlementEntry::decode(&e.encode()).unwrap(), e);
         assert!(SettlementEntry::decode(&[1, 2, 3]).is_err());
+        // Encoding into a shared buffer appends exactly the same bytes.
+        let mut buf = vec![0xAA];
+        let n = e.encode_into(&mut buf);
+        assert_eq!(n, buf.len() - 1);
+        assert_eq!(&buf[1..], &e.encode()[..]);
     }
 
     #[test]

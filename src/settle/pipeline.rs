@@ -221,6 +221,8 @@ pub struct Pipeline {
     wal: Arc<Wal>,
     ledger: Arc<dyn Ledger>,
     cache: BalanceCache,
+    /// The WAL payloads of the micro-batch being appended (reused).
+    encode_buf: Vec<u8>,
     /// Highest output sequence seen (durable or rejected with a readable sequence).
     last_seq: Option<u64>,
     settings: PipelineSettings,
@@ -269,6 +271,7 @@ impl Pipeline {
             wal,
             ledger,
             cache: BalanceCache::with_max_rows(settings.cache_rows),
+            encode_buf: Vec::new(),
             last_seq,
             settings,
             rejects,
@@ -455,7 +458,22 @@ impl Pipeline {
             self.rejects.sync()?;
             self.rejects_synced = self.summary.rejected;
         }
-        let payloads: Vec<Vec<u8>> = settled.iter().map(SettlementEntry::encode).collect();
+        // All payloads in one reused buffer, then one append of the slices.
+        let buf = &mut self.encode_buf;
+        buf.clear();
+        let mut ends = Vec::with_capacity(settled.len());
+        for entry in &settled {
+            entry.encode_into(buf);
+            ends.push(buf.len());
+        }
+        let payloads: Vec<&[u8]> = ends
+            .iter()
+            .scan(0, |start, &end| {
+                let payload = &buf[*start..end];
+                *start = end;
+                Some(payload)
+            })
+            .collect();
         let wal = self.wal.clone();
         let (first_lsn, last_lsn) = tokio::task::block_in_place(|| wal.append_batch(&payloads))?;
         assert_eq!(

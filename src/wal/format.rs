@@ -163,6 +163,15 @@ pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::error
     bincode::serde::encode_to_vec(value, bincode_config())
 }
 
+/// Appends the same bytes as [`encode_payload`] to `buf` and returns how many it appended
+/// (many payloads encoded into one reused buffer: no allocation per payload).
+pub fn encode_payload_into<T: Serialize>(
+    value: &T,
+    buf: &mut Vec<u8>,
+) -> Result<usize, bincode::error::EncodeError> {
+    bincode::serde::encode_into_std_write(value, buf, bincode_config())
+}
+
 /// Decodes a payload written by [`encode_payload`]; trailing bytes are an error.
 pub fn decode_payload<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, bincode_config())
