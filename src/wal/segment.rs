@@ -225,6 +225,9 @@ impl Segment {
     }
 }
 
+/// [`Segment::release_synced_pages`] leaves ranges of fewer whole pages mapped.
+const RELEASE_MIN_PAGES: usize = 4;
+
 impl Segment {
     /// Drops this process's page-table entries for the whole pages of `from..to` (a range
     /// about to be synced, that the writer never touches again: appends only go forward).
@@ -239,7 +242,9 @@ impl Segment {
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let start = from - from % page;
         let end = to - to % page;
-        if end <= start {
+        if end <= start || (end - start) / page < RELEASE_MIN_PAGES {
+            // Too few pages: the madvise would cost a TLB flush of its own, as many as the
+            // msync saves (the small syncs of concurrent single-entry writers were ~5% slower).
             return;
         }
         // SAFETY: DONTNEED on a shared file mapping keeps the data (the dirty bits move to the
