@@ -29,7 +29,7 @@
 //!
 //! Input: contract JSON lines, deposits first (3 assets per user, settled untimed in their own
 //! run), then trades between pseudo-random users among `USERS`, fed through a bounded queue of
-//! `ingest::SOURCE_QUEUE_DEPTH` messages (the same depth as the real sources).
+//! `ingest::SOURCE_QUEUE_DEPTH` messages in chunks (`ingest::source_channel`, as the real sources).
 //!
 //! Run: `cargo bench --bench settle_pipeline` (node: `tools/cassandra start`).
 //! Environment: `PIPELINE_BENCH_SCALE` (default 1; shrinks trade counts and durations),
@@ -52,7 +52,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use settlement_wal::app::messages_source;
-use settlement_wal::ingest::SOURCE_QUEUE_DEPTH;
+use settlement_wal::ingest::source_channel;
 use settlement_wal::ledger::conformance::trade_entry;
 use settlement_wal::ledger::cql::CqlLedger;
 use settlement_wal::ledger::{
@@ -62,7 +62,7 @@ use settlement_wal::ledger::{
 use settlement_wal::settle::entry::{BalanceCache, SettlementEntry};
 use settlement_wal::settle::event::parse_event;
 use settlement_wal::settle::{
-    Message, PipelineSettings, RejectSink, Settlement, SettlementOptions,
+    Message, PipelineSettings, RejectSink, Settlement, SettlementOptions, SOURCE_CHUNK_MESSAGES,
 };
 use settlement_wal::wal::format::DEFAULT_SEGMENT_SIZE_BYTES;
 use settlement_wal::wal::{Lsn, Wal, WalOptions};
@@ -392,11 +392,12 @@ fn trade_json(seq: u64, symbol: &str, price: i64, buyer: u64, seller: u64) -> St
 fn generated_source(
     first_seq: u64,
     pace: Option<(f64, Arc<CountingLedger>)>,
-) -> mpsc::Receiver<Message> {
-    let (tx, rx) = mpsc::channel(SOURCE_QUEUE_DEPTH);
+) -> mpsc::Receiver<Vec<Message>> {
+    let (tx, rx) = source_channel();
     tokio::spawn(async move {
         let mut seq = first_seq;
         let mut paced: Option<Pace> = None;
+        let mut chunk: Vec<Message> = Vec::with_capacity(SOURCE_CHUNK_MESSAGES);
         loop {
             let k = seq - first_seq;
             if let (Some((rate, ledger)), true) = (&pace, k >= USERS) {
@@ -427,11 +428,15 @@ fn generated_source(
             } else {
                 trade_line(seq)
             };
-            let m = Message {
+            // Paced: each trade goes out at its due time, alone. Unpaced: in full chunks.
+            chunk.push(Message {
                 bytes: line.into_bytes(),
-            };
-            if tx.send(m).await.is_err() {
-                return;
+            });
+            if paced.is_some() || chunk.len() == SOURCE_CHUNK_MESSAGES {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(SOURCE_CHUNK_MESSAGES));
+                if tx.send(full).await.is_err() {
+                    return;
+                }
             }
             seq += 1;
         }
@@ -753,12 +758,12 @@ async fn stage_profile(lines: &[String]) {
     let t = Instant::now();
     let mut rx = messages_source(owned);
     let mut got = 0usize;
-    while rx.recv().await.is_some() {
-        got += 1;
+    while let Some(chunk) = rx.recv().await {
+        got += chunk.len();
     }
     assert_eq!(got, n);
     stages.push((
-        "source queue hop (bounded mpsc, producer task -> parser)",
+        "source queue hop (bounded mpsc of message chunks, producer task -> parser)",
         "source",
         per(t.elapsed()),
     ));

@@ -17,6 +17,7 @@ use crate::settle::audit::{audit, AuditReport};
 use crate::settle::demo::{generate, DemoSpec};
 use crate::settle::{
     Message, PipelineSettings, RejectSink, Settlement, SettlementOptions, Summary,
+    SOURCE_CHUNK_MESSAGES,
 };
 use crate::wal::format::DEFAULT_SEGMENT_SIZE_BYTES;
 
@@ -267,17 +268,19 @@ pub async fn demo(dir: &std::path::Path, spec: DemoSpec) -> anyhow::Result<Audit
 }
 
 /// Feeds prepared messages into a pipeline (tests and benches): returns the queue receiver.
-pub fn messages_source(lines: Vec<String>) -> tokio::sync::mpsc::Receiver<Message> {
-    let (tx, rx) = tokio::sync::mpsc::channel(ingest::SOURCE_QUEUE_DEPTH);
+pub fn messages_source(lines: Vec<String>) -> tokio::sync::mpsc::Receiver<Vec<Message>> {
+    let (tx, rx) = ingest::source_channel();
     tokio::spawn(async move {
-        for l in lines {
-            if tx
-                .send(Message {
+        let mut lines = lines.into_iter().peekable();
+        while lines.peek().is_some() {
+            let chunk: Vec<Message> = lines
+                .by_ref()
+                .take(SOURCE_CHUNK_MESSAGES)
+                .map(|l| Message {
                     bytes: l.into_bytes(),
                 })
-                .await
-                .is_err()
-            {
+                .collect();
+            if tx.send(chunk).await.is_err() {
                 return;
             }
         }

@@ -114,9 +114,9 @@ async fn run_seed(seed: u64) -> u64 {
         *current_wal.lock() = Some(settlement.wal().clone());
         let (tx, rx) = tokio::sync::mpsc::channel(lines.len() + 1);
         for l in &lines {
-            tx.try_send(Message {
+            tx.try_send(vec![Message {
                 bytes: l.clone().into_bytes(),
-            })
+            }])
             .unwrap();
         }
         drop(tx);

@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, watch};
 use crate::ledger::{Ledger, LedgerError};
 use crate::wal::{Lsn, Wal, WalError, WalOptions};
 use entry::SettlementEntry;
-pub use pipeline::{GapPolicy, Message, PipelineSettings, RejectSink, Summary};
+pub use pipeline::{
+    GapPolicy, Message, PipelineSettings, RejectSink, Summary, SOURCE_CHUNK_MESSAGES,
+};
 pub use recovery::RecoveryReport;
 
 /// Errors of the settlement process. Each says what to do next.
@@ -177,10 +179,11 @@ impl Settlement {
         &self.wal
     }
 
-    /// Runs the pipeline over `source` until it closes or `shutdown` turns true.
+    /// Runs the pipeline over `source` (chunks of at most [`SOURCE_CHUNK_MESSAGES`] messages,
+    /// see [`crate::ingest::source_channel`]) until it closes or `shutdown` turns true.
     pub async fn run(
         &self,
-        source: mpsc::Receiver<Message>,
+        source: mpsc::Receiver<Vec<Message>>,
         shutdown: watch::Receiver<bool>,
         settings: PipelineSettings,
         rejects: RejectSink,
