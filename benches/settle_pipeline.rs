@@ -34,6 +34,7 @@
 //! Run: `cargo bench --bench settle_pipeline` (node: `tools/cassandra start`).
 //! Environment: `PIPELINE_BENCH_SCALE` (default 1; shrinks trade counts and durations),
 //! `PIPELINE_BENCH_SECS` (seconds per time-bounded CQL measurement, default 6, scaled),
+//! `PIPELINE_BENCH_WARMUP_SECS` (node warm-up before the CQL part, default 40, scaled),
 //! `PIPELINE_BENCH_ONLY` (`instant` or `cql`; default both), `PIPELINE_BENCH_CQL_PARAMS` (more
 //! store URL options for our pipeline's CQL store, e.g. `&batch_statements=100&batch_bytes=49152`), `PIPELINE_BENCH_STAGES=0` (skip
 //! the stage profile, e.g. under `perf record`), `PIPELINE_BENCH_NODE` (default
@@ -1136,7 +1137,13 @@ struct PipeRow {
 
 /// `quick`: only what the equal-load comparison needs (the LOGGED 50-trade setting at 8
 /// workers for its ceiling, then the paced runs), for tuning the pipeline's settings.
-async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>, quick: bool) {
+async fn cql_section(
+    node: &str,
+    secs: f64,
+    warm_up_secs: f64,
+    instant_best: Option<f64>,
+    quick: bool,
+) {
     println!("## Real node: the pipeline and the alternatives, same run, same node\n");
     let addr: SocketAddr = match node.parse() {
         Ok(a) => a,
@@ -1169,8 +1176,10 @@ async fn cql_section(node: &str, secs: f64, instant_best: Option<f64>, quick: bo
         next: AtomicU64::new(1),
     });
 
-    eprintln!("cql: warming up the node (LOGGED 10 trades, 8 workers) for {secs:.0} s...");
-    let _ = measure(&b, Unit::Logged(10), 8, secs).await;
+    // A fresh JVM keeps getting faster for a minute or more (JIT): 6 s of warm-up left our
+    // first rows on a node about half as fast as the one the LOGGED rows met later.
+    eprintln!("cql: warming up the node (LOGGED 10 trades, 8 workers) for {warm_up_secs:.0} s...");
+    let _ = measure(&b, Unit::Logged(10), 8, warm_up_secs).await;
 
     let wal = tempfile::tempdir().expect("tempdir");
     eprintln!("cql: settling {} deposits (untimed)...", 3 * USERS);
@@ -1556,6 +1565,7 @@ fn main() {
     };
     let scale = env_f64("PIPELINE_BENCH_SCALE", 1.0);
     let secs = (env_f64("PIPELINE_BENCH_SECS", 6.0) * scale).max(1.0);
+    let warm_up_secs = (env_f64("PIPELINE_BENCH_WARMUP_SECS", 40.0) * scale).max(1.0);
     let only = std::env::var("PIPELINE_BENCH_ONLY").unwrap_or_default();
     let node = std::env::var("PIPELINE_BENCH_NODE").unwrap_or_else(|_| "127.0.0.1:9042".into());
     install_recorder();
@@ -1579,7 +1589,7 @@ fn main() {
             None
         };
         if only.is_empty() || only == "cql" || only == "paced" {
-            cql_section(&node, secs, instant_best, only == "paced").await;
+            cql_section(&node, secs, warm_up_secs, instant_best, only == "paced").await;
         }
     });
     println!(
