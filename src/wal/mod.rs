@@ -833,13 +833,7 @@ impl Wal {
     fn roll(&self, st: &mut State) -> Result<()> {
         let active = st.segments.last().expect("an active segment").clone();
         if st.write_offset > st.sync_from {
-            active.release_synced_pages(st.sync_from, st.write_offset);
-            if let Err(e) = self.options.fs.sync_range(
-                active.map(),
-                &active.path,
-                st.sync_from,
-                st.write_offset - st.sync_from,
-            ) {
+            if let Err(e) = active.sync_appended(&*self.options.fs, st.sync_from, st.write_offset) {
                 let err = WalError::io("syncing sealed segment", &active.path, e);
                 st.failed = Some(err.to_string());
                 return Err(err);
@@ -883,12 +877,7 @@ impl Wal {
             (seg, range.0, range.1, st.next_lsn - 1)
         };
         if to > from {
-            seg.release_synced_pages(from, to);
-            if let Err(e) = self
-                .options
-                .fs
-                .sync_range(seg.map(), &seg.path, from, to - from)
-            {
+            if let Err(e) = seg.sync_appended(&*self.options.fs, from, to) {
                 let err = WalError::io("syncing", &seg.path, e);
                 // Never retried as if durable: the WAL refuses all further work until reopened.
                 self.state.lock().failed = Some(err.to_string());

@@ -217,18 +217,20 @@ impl Segment {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), map.as_mut_ptr().add(offset), bytes.len());
     }
 
-    /// Zeroes `offset..offset+len`. Same safety contract as [`Segment::write`].
-    pub(crate) unsafe fn zero(&self, offset: usize, len: usize) {
-        let map = self.map();
-        assert!(offset + len <= map.len(), "zero past the segment end");
-        std::ptr::write_bytes(map.as_mut_ptr().add(offset), 0, len);
+    /// Makes appended records `from..to` durable (msync through `fs`), releasing the mapping of
+    /// their whole pages first ([`Segment::release_synced_pages`]). Every sync of appended
+    /// records comes here; syncs of zeroed ranges (tail cleaning, a rolled-back batch) do not,
+    /// as those pages are written again.
+    pub(crate) fn sync_appended(
+        &self,
+        fs: &dyn WalFs,
+        from: usize,
+        to: usize,
+    ) -> std::io::Result<()> {
+        self.release_synced_pages(from, to);
+        fs.sync_range(self.map(), &self.path, from, to - from)
     }
-}
 
-/// [`Segment::release_synced_pages`] leaves ranges of fewer whole pages mapped.
-const RELEASE_MIN_PAGES: usize = 4;
-
-impl Segment {
     /// Drops this process's page-table entries for the whole pages of `from..to` (a range
     /// about to be synced, that the writer never touches again: appends only go forward).
     /// The dirty data stays in the page cache and the msync that follows writes it out; what
@@ -237,7 +239,7 @@ impl Segment {
     /// threads once per page: an inter-processor interrupt per 4 KiB, 14% of all CPU in the
     /// instant-ack pipeline (perf, `docs/benchmarks-pipeline.md`). Here the kernel flushes
     /// once for the whole range. A failure only loses that saving.
-    pub(crate) fn release_synced_pages(&self, from: usize, to: usize) {
+    fn release_synced_pages(&self, from: usize, to: usize) {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let start = from - from % page;
@@ -256,7 +258,17 @@ impl Segment {
         };
         debug_assert!(result.is_ok(), "madvise DONTNEED failed: {result:?}");
     }
+
+    /// Zeroes `offset..offset+len`. Same safety contract as [`Segment::write`].
+    pub(crate) unsafe fn zero(&self, offset: usize, len: usize) {
+        let map = self.map();
+        assert!(offset + len <= map.len(), "zero past the segment end");
+        std::ptr::write_bytes(map.as_mut_ptr().add(offset), 0, len);
+    }
 }
+
+/// [`Segment::release_synced_pages`] leaves ranges of fewer whole pages mapped.
+const RELEASE_MIN_PAGES: usize = 4;
 
 fn map_writable(file: &File, path: &Path) -> Result<MmapRaw> {
     let map = MmapOptions::new()
@@ -323,8 +335,7 @@ mod tests {
         seg.read_exact(&OsFs, "reading back", from, &mut back)
             .unwrap();
         assert_eq!(back, pattern);
-        OsFs.sync_range(seg.map(), &seg.path, from, to - from)
-            .unwrap();
+        seg.sync_appended(&OsFs, from, to).unwrap();
         // The writer goes on past the partial page after a release.
         // SAFETY: as above.
         unsafe { seg.write(to, b"after") };
