@@ -546,6 +546,10 @@ fn ingest_queue_chunks(batch_max: usize) -> usize {
 /// chunks of what is ready (up to [`PARSE_CHUNK_MESSAGES`]).
 async fn parse_loop(mut source: mpsc::Receiver<Vec<Message>>, out: mpsc::Sender<Vec<Parsed>>) {
     let parse = |messages: Vec<Message>, into: &mut Vec<Parsed>| {
+        assert!(
+            messages.len() <= SOURCE_CHUNK_MESSAGES,
+            "a source chunk holds at most {SOURCE_CHUNK_MESSAGES} messages"
+        );
         into.extend(messages.into_iter().map(|m| Parsed {
             event: parse_event(&m.bytes),
             bytes: m.bytes,
@@ -555,10 +559,6 @@ async fn parse_loop(mut source: mpsc::Receiver<Vec<Message>>, out: mpsc::Sender<
         let Some(first) = source.recv().await else {
             return; // the source closed
         };
-        assert!(
-            first.len() <= SOURCE_CHUNK_MESSAGES,
-            "a source chunk holds at most {SOURCE_CHUNK_MESSAGES} messages"
-        );
         let mut chunk: Vec<Parsed> = Vec::with_capacity(first.len().max(PARSE_CHUNK_MESSAGES));
         parse(first, &mut chunk);
         // And whatever else is ready, up to a parse chunk.
