@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use tokio::sync::watch;
 
 use crate::ingest::{self, Input};
-use crate::ledger::{open_store, Ledger, StoreUrl};
+use crate::ledger::{open_store, Asset, Ledger, StoreUrl};
 use crate::observe::{serve_metrics, Health};
 use crate::settle::audit::{audit, AuditReport};
 use crate::settle::demo::{generate, DemoSpec};
@@ -177,7 +177,7 @@ pub struct BalanceJson {
     /// User.
     pub user_id: u64,
     /// Asset.
-    pub asset: String,
+    pub asset: Asset,
     /// Amount in minor units.
     pub amount: i64,
     /// LSN of the entry that wrote it.

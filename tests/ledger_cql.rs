@@ -232,13 +232,13 @@ fn wide_trade_entries(n: u64) -> Vec<EntryWrites> {
                 [i64::MAX - 1, i64::MIN + 1, -(i as i64), i as i64],
             );
             if let Some(EventRow::Trade(t)) = &mut e.event {
-                t.symbol = "ABCDEFGHIJKLMNOP-QRSTUVWXYZABCDEF".into();
+                t.symbol = "ABCDEFGHIJKLMNOP-QRSTUVWXYZABCDEF".parse().unwrap();
             }
             for b in &mut e.balances {
                 b.key.asset = if b.key.asset == "BTC" {
-                    "ABCDEFGHIJKLMNOP".into()
+                    "ABCDEFGHIJKLMNOP".parse().unwrap()
                 } else {
-                    "QRSTUVWXYZABCDEF".into()
+                    "QRSTUVWXYZABCDEF".parse().unwrap()
                 };
             }
             e
@@ -477,7 +477,7 @@ async fn estimate_covers_what_the_node_counts() {
                 let mut e = trade_entry(1 + i, 1 + i, 10 + i, 20 + i, [1, -1, -1, 1]);
                 e.balances.clear();
                 if let Some(EventRow::Trade(t)) = &mut e.event {
-                    t.symbol = symbol.into();
+                    t.symbol = symbol.parse().unwrap();
                 }
                 e
             })

@@ -197,7 +197,7 @@ async fn node_stopped_mid_run_then_restarted() {
     // Balances hold the newest acknowledged post-images.
     let last = failed_i + 49;
     let e = entry(last);
-    let keys: Vec<BalanceKey> = e.balances.iter().map(|b| b.key.clone()).collect();
+    let keys: Vec<BalanceKey> = e.balances.iter().map(|b| b.key).collect();
     let rows = ledger.read_balances(&keys).await.unwrap();
     for (b, row) in e.balances.iter().zip(rows) {
         assert_eq!(

@@ -58,7 +58,9 @@ async fn invalid_input_is_rejected_before_writing() {
     let dir = common::temp_dir();
     let ledger = EmbeddedLedger::open(&dir.path().join("ledger.redb")).unwrap();
     let mut e = deposit_entry(1, 1, 1, "USDT", 5, 5);
-    e.balances[0].key.asset = "A-VERY-LONG-ASSET-NAME".into();
+    // An empty asset name (a too-long one cannot be built: `Asset` holds at most 16 bytes).
+    e.balances[0].key.asset = settlement_wal::ledger::Asset::EMPTY;
+    assert!(settlement_wal::ledger::Asset::new("A-VERY-LONG-ASSET-NAME").is_err());
     let err = ledger.apply(&[e]).await.unwrap_err();
     assert!(matches!(err, LedgerError::Invalid(_)), "{err:?}");
     assert!(

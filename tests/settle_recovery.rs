@@ -315,7 +315,7 @@ async fn killed_run(
     let mut model = std::collections::BTreeMap::new();
     for (_, e) in &numbered {
         for (k, amount) in &e.post_images {
-            model.insert(k.clone(), *amount);
+            model.insert(*k, *amount);
         }
     }
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;

@@ -46,7 +46,7 @@ async fn check_committed_entries_are_applied(dir: &Path, sim: &SimLedger, seed: 
             continue;
         }
         let entry = SettlementEntry::decode(&payload).unwrap();
-        let keys: Vec<BalanceKey> = entry.post_images.iter().map(|(k, _)| k.clone()).collect();
+        let keys: Vec<BalanceKey> = entry.post_images.iter().map(|(k, _)| *k).collect();
         for (k, row) in keys.iter().zip(sim.read_balances(&keys).await.unwrap()) {
             let row = row.unwrap_or_else(|| {
                 panic!("seed {seed}: committed entry {lsn} but {k} is missing (P2)")
@@ -159,7 +159,7 @@ async fn run_seed(seed: u64) -> u64 {
         .await
         .unwrap()
         .into_iter()
-        .map(|(k, r)| ((k.user_id, k.asset), r.amount))
+        .map(|(k, r)| ((k.user_id, k.asset.to_string()), r.amount))
         .filter(|(_, a)| *a != 0)
         .collect();
     let want_balances = want.nonzero_balances();

@@ -55,7 +55,7 @@ impl LoggedStatements {
                 values.push(Vals::Trade((
                     t.trade_id as i64,
                     t.output_sequence as i64,
-                    t.symbol.clone(),
+                    t.symbol.to_string(),
                     t.buyer_user_id as i64,
                     t.seller_user_id as i64,
                     t.price,
@@ -70,7 +70,7 @@ impl LoggedStatements {
                 let lsn = w.lsn as i64;
                 values.push(Vals::Balance((
                     w.key.user_id as i64,
-                    w.key.asset.clone(),
+                    w.key.asset.to_string(),
                     w.amount,
                     lsn,
                     lsn,

@@ -4,8 +4,8 @@
 #![doc(hidden)]
 
 use super::{
-    BalanceKey, BalanceRow, BalanceWrite, EntryWrites, EventKey, EventRow, Ledger, LedgerError,
-    MovementKind, MovementRow, TradeRow, MAX_LOOKUP_KEYS,
+    Asset, BalanceKey, BalanceRow, BalanceWrite, EntryWrites, EventKey, EventRow, Ledger,
+    LedgerError, MovementKind, MovementRow, Symbol, TradeRow, MAX_LOOKUP_KEYS,
 };
 use crate::wal::Lsn;
 
@@ -21,7 +21,7 @@ pub fn trade_entry(
     let row = TradeRow {
         trade_id,
         output_sequence: trade_id,
-        symbol: "BTC-USDT".into(),
+        symbol: Symbol::new("BTC-USDT").expect("fits"),
         buyer_user_id: buyer,
         seller_user_id: seller,
         price: 65_000,
@@ -61,7 +61,7 @@ pub fn deposit_entry(
             output_sequence: seq,
             kind: MovementKind::Deposit,
             user_id: user,
-            asset: asset.into(),
+            asset: Asset::new(asset).expect("test asset names fit"),
             amount,
             lsn,
         })),

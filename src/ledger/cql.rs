@@ -44,6 +44,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::cluster::metadata::ColumnType;
 use scylla::errors::{DbError, ExecutionError, NewSessionError, PrepareError, RequestAttemptError};
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::policies::retry::FallthroughRetryPolicy;
@@ -51,7 +52,8 @@ use scylla::response::query_result::QueryResult;
 use scylla::response::{PagingState, PagingStateResponse};
 use scylla::routing::partitioner::{Murmur3Partitioner, Partitioner};
 use scylla::serialize::row::{RowSerializationContext, SerializeRow};
-use scylla::serialize::writers::RowWriter;
+use scylla::serialize::value::SerializeValue;
+use scylla::serialize::writers::{CellWriter, RowWriter, WrittenCellProof};
 use scylla::serialize::SerializationError;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
@@ -59,9 +61,9 @@ use scylla::statement::{Consistency as CqlConsistency, Statement};
 use tokio::task::JoinSet;
 
 use super::{
-    validate_entries, validate_lookup, BalanceKey, BalanceRow, BalanceWrite, Consistency,
+    validate_entries, validate_lookup, Asset, BalanceKey, BalanceRow, BalanceWrite, Consistency,
     CqlConfig, EntryWrites, EventKey, EventRow, Ledger, LedgerError, MovementKind, MovementRow,
-    Result, TradeRow,
+    Result, ShortStr, Symbol, TradeRow,
 };
 use crate::wal::Lsn;
 
@@ -663,9 +665,25 @@ fn to_u64(what: &str, v: i64) -> Result<u64> {
 /// The last value of each is the write timestamp (`USING TIMESTAMP ?`).
 #[derive(Clone, Debug)]
 enum RowValues {
-    Trade((i64, i64, String, i64, i64, i64, i64, i64, i64, i64)),
-    Movement((i64, &'static str, i64, String, i64, i64, i64)),
-    Balance((i64, String, i64, i64, i64)),
+    Trade((i64, i64, Symbol, i64, i64, i64, i64, i64, i64, i64)),
+    Movement((i64, &'static str, i64, Asset, i64, i64, i64)),
+    Balance((i64, Asset, i64, i64, i64)),
+}
+
+/// Binds a short name as the `text` value it holds (no `String` per bound value).
+impl<const CAP_BYTES: usize> SerializeValue for ShortStr<CAP_BYTES> {
+    fn serialize<'b>(
+        &self,
+        typ: &ColumnType,
+        writer: CellWriter<'b>,
+    ) -> std::result::Result<WrittenCellProof<'b>, SerializationError> {
+        SerializeValue::serialize(&self.as_str(), typ, writer)
+    }
+}
+
+/// An asset name read from the store, or an error naming the row's field.
+fn stored_asset(what: &str, name: &str) -> Result<Asset> {
+    Asset::new(name).map_err(|e| LedgerError::Other(format!("stored {what}: {e}")))
 }
 
 impl SerializeRow for RowValues {
@@ -675,9 +693,9 @@ impl SerializeRow for RowValues {
         writer: &mut RowWriter,
     ) -> std::result::Result<(), SerializationError> {
         match self {
-            RowValues::Trade(v) => v.serialize(ctx, writer),
-            RowValues::Movement(v) => v.serialize(ctx, writer),
-            RowValues::Balance(v) => v.serialize(ctx, writer),
+            RowValues::Trade(v) => SerializeRow::serialize(v, ctx, writer),
+            RowValues::Movement(v) => SerializeRow::serialize(v, ctx, writer),
+            RowValues::Balance(v) => SerializeRow::serialize(v, ctx, writer),
         }
     }
 
@@ -691,7 +709,7 @@ fn trade_values(t: &TradeRow) -> Result<RowValues> {
     Ok(RowValues::Trade((
         to_i64("trade_id", t.trade_id)?,
         to_i64("output_sequence", t.output_sequence)?,
-        t.symbol.clone(),
+        t.symbol,
         to_i64("buyer_user_id", t.buyer_user_id)?,
         to_i64("seller_user_id", t.seller_user_id)?,
         t.price,
@@ -708,7 +726,7 @@ fn movement_values(m: &MovementRow) -> Result<RowValues> {
         to_i64("output_sequence", m.output_sequence)?,
         m.kind.name(),
         to_i64("user_id", m.user_id)?,
-        m.asset.clone(),
+        m.asset,
         m.amount,
         lsn,
         lsn,
@@ -719,7 +737,7 @@ fn balance_values(b: &BalanceWrite) -> Result<RowValues> {
     let lsn = to_i64("balance lsn", b.lsn)?;
     Ok(RowValues::Balance((
         to_i64("user_id", b.key.user_id)?,
-        b.key.asset.clone(),
+        b.key.asset,
         b.amount,
         lsn,
         lsn,
@@ -1169,8 +1187,8 @@ impl Ledger for CqlLedger {
         let mut by_user: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
         for k in keys {
             let assets = by_user.entry(k.user_id).or_default();
-            if !assets.contains(&k.asset) {
-                assets.push(k.asset.clone());
+            if !assets.iter().any(|a| a.as_str() == k.asset.as_str()) {
+                assets.push(k.asset.to_string());
             }
         }
         let mut found: HashMap<BalanceKey, BalanceRow> = Default::default();
@@ -1195,7 +1213,14 @@ impl Ledger for CqlLedger {
                 None => break,
                 Some(Ok(Ok((user, rows)))) => {
                     for (asset, row) in rows {
-                        found.insert(BalanceKey::new(user, asset), row);
+                        let asset = stored_asset("balance asset", &asset)?;
+                        found.insert(
+                            BalanceKey {
+                                user_id: user,
+                                asset,
+                            },
+                            row,
+                        );
                     }
                 }
                 Some(Ok(Err(e))) => {
@@ -1220,7 +1245,10 @@ impl Ledger for CqlLedger {
                 &self.inner.scan_balances,
                 |(user_id, asset, amount, last_lsn): (i64, String, i64, i64)| {
                     Ok((
-                        BalanceKey::new(to_u64("user_id", user_id)?, asset),
+                        BalanceKey {
+                            user_id: to_u64("user_id", user_id)?,
+                            asset: stored_asset("balance asset", &asset)?,
+                        },
                         BalanceRow {
                             amount,
                             last_lsn: to_u64("last_lsn", last_lsn)?,
@@ -1238,7 +1266,9 @@ impl Ledger for CqlLedger {
                 Ok(TradeRow {
                     trade_id: to_u64("trade_id", r.0)?,
                     output_sequence: to_u64("output_sequence", r.1)?,
-                    symbol: r.2,
+                    symbol: Symbol::new(&r.2).map_err(|e| {
+                        LedgerError::Other(format!("stored trade {} symbol: {e}", r.0))
+                    })?,
                     buyer_user_id: to_u64("buyer_user_id", r.3)?,
                     seller_user_id: to_u64("seller_user_id", r.4)?,
                     price: r.5,
@@ -1261,7 +1291,7 @@ impl Ledger for CqlLedger {
                     output_sequence: to_u64("output_sequence", r.0)?,
                     kind,
                     user_id: to_u64("user_id", r.2)?,
-                    asset: r.3,
+                    asset: stored_asset("movement asset", &r.3)?,
                     amount: r.4,
                     lsn: to_u64("lsn", r.5)?,
                 })

@@ -344,10 +344,9 @@ impl Ledger for EmbeddedLedger {
                 let (k, v) = item.map_err(|e| store_err(path, "scan", e))?;
                 let (user_id, asset) = k.value();
                 let (amount, last_lsn) = v.value();
-                out.push((
-                    BalanceKey::new(user_id, asset),
-                    BalanceRow { amount, last_lsn },
-                ));
+                let key = BalanceKey::named(user_id, asset)
+                    .map_err(|e| store_err(path, "scan balances", e))?;
+                out.push((key, BalanceRow { amount, last_lsn }));
             }
             Ok(out)
         })

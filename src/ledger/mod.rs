@@ -13,6 +13,7 @@
 pub mod conformance;
 pub mod cql;
 pub mod embedded;
+mod name;
 pub mod sim;
 mod url;
 
@@ -20,6 +21,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use name::{Asset, NameTooLong, ShortStr, Symbol, MAX_SYMBOL_LEN_BYTES};
 pub use url::{
     Consistency, CqlConfig, StoreUrl, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_INFLIGHT_READS,
     DEFAULT_MAX_KEYS_PER_READ, MAX_BATCH_BYTES_LIMIT, MAX_KEYS_PER_READ,
@@ -41,21 +43,30 @@ pub const MAX_LOOKUP_KEYS: usize = 64 * 1024;
 pub const MAX_ASSET_LEN_BYTES: usize = 16;
 
 /// Identifies one balance row.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct BalanceKey {
     /// The account owner.
     pub user_id: UserId,
     /// The asset, e.g. `"BTC"`.
-    pub asset: String,
+    pub asset: Asset,
 }
 
 impl BalanceKey {
-    /// Builds a key.
-    pub fn new(user_id: UserId, asset: impl Into<String>) -> BalanceKey {
-        BalanceKey {
+    /// Builds a key from an asset name known to fit ([`MAX_ASSET_LEN_BYTES`]), such as a
+    /// literal. Names from outside go through [`BalanceKey::named`].
+    ///
+    /// # Panics
+    /// If `asset` is longer than [`MAX_ASSET_LEN_BYTES`].
+    pub fn new(user_id: UserId, asset: &str) -> BalanceKey {
+        BalanceKey::named(user_id, asset).expect("asset name of at most MAX_ASSET_LEN_BYTES")
+    }
+
+    /// Builds a key, or says that the asset name is too long.
+    pub fn named(user_id: UserId, asset: &str) -> Result<BalanceKey, NameTooLong> {
+        Ok(BalanceKey {
             user_id,
-            asset: asset.into(),
-        }
+            asset: Asset::new(asset)?,
+        })
     }
 }
 
@@ -93,7 +104,7 @@ pub struct TradeRow {
     /// The engine's output sequence of the trade message.
     pub output_sequence: u64,
     /// `BASE-QUOTE`, e.g. `BTC-USDT`.
-    pub symbol: String,
+    pub symbol: Symbol,
     /// Buyer.
     pub buyer_user_id: UserId,
     /// Seller.
@@ -146,7 +157,7 @@ pub struct MovementRow {
     /// Whose balance.
     pub user_id: UserId,
     /// Which asset.
-    pub asset: String,
+    pub asset: Asset,
     /// Amount moved, positive, in minor units.
     pub amount: Amount,
     /// LSN of the WAL entry.
@@ -478,8 +489,8 @@ mod tests {
         coalesced.apply(&coalesce(writes.clone())).await.unwrap();
         let mut a = all.scan_balances().await.unwrap();
         let mut b = coalesced.scan_balances().await.unwrap();
-        a.sort_by(|x, y| x.0.cmp(&y.0));
-        b.sort_by(|x, y| x.0.cmp(&y.0));
+        a.sort_by_key(|x| x.0);
+        b.sort_by_key(|x| x.0);
         assert_eq!(a, b);
         assert_eq!(
             all.scan_trades().await.unwrap().len(),

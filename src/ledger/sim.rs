@@ -172,7 +172,7 @@ impl Ledger for SimLedger {
                 rows.push((
                     b.lsn,
                     RowWrite::Balance(
-                        b.key.clone(),
+                        b.key,
                         BalanceRow {
                             amount: b.amount,
                             last_lsn: b.lsn,
@@ -261,7 +261,7 @@ impl Ledger for SimLedger {
 
     async fn scan_balances(&self) -> Result<Vec<(BalanceKey, BalanceRow)>> {
         let st = self.state.lock();
-        Ok(st.balances.iter().map(|(k, r)| (k.clone(), *r)).collect())
+        Ok(st.balances.iter().map(|(k, r)| (*k, *r)).collect())
     }
 
     async fn scan_trades(&self) -> Result<Vec<TradeRow>> {

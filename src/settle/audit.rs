@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 
 use super::SettleError;
-use crate::ledger::{Amount, BalanceKey, Ledger, MovementKind};
+use crate::ledger::{Amount, Asset, BalanceKey, Ledger, MovementKind};
 use crate::wal::Lsn;
 
 /// Most problems listed in a report (the counts are always complete).
@@ -33,7 +33,7 @@ pub struct AuditReport {
     /// Balance rows read.
     pub balance_rows: usize,
     /// Totals per asset.
-    pub assets: BTreeMap<String, AssetTotals>,
+    pub assets: BTreeMap<Asset, AssetTotals>,
     /// Problems found (at most 20 listed).
     pub problems: Vec<String>,
     /// Number of problems.
@@ -106,16 +106,16 @@ pub async fn audit(ledger: &dyn Ledger) -> Result<AuditReport, SettleError> {
         ..AuditReport::default()
     };
     for (key, row) in &balances {
-        report.assets.entry(key.asset.clone()).or_default().balances += i128::from(row.amount);
+        report.assets.entry(key.asset).or_default().balances += i128::from(row.amount);
     }
     for m in &movements {
-        let t = report.assets.entry(m.asset.clone()).or_default();
+        let t = report.assets.entry(m.asset).or_default();
         match m.kind {
             MovementKind::Deposit => t.deposits += i128::from(m.amount),
             MovementKind::Withdraw => t.withdrawals += i128::from(m.amount),
         }
     }
-    let totals: Vec<(String, AssetTotals)> = report.assets.clone().into_iter().collect();
+    let totals: Vec<(Asset, AssetTotals)> = report.assets.clone().into_iter().collect();
     for (asset, t) in totals {
         if t.balances != t.deposits - t.withdrawals {
             report.problem(format!(

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::event::{Event, Movement, Trade};
 use crate::ledger::{
-    Amount, BalanceKey, BalanceWrite, EntryWrites, EventRow, MovementKind, MovementRow, TradeRow,
-    UserId, MAX_ASSET_LEN_BYTES,
+    Amount, Asset, BalanceKey, BalanceWrite, EntryWrites, EventRow, MovementKind, MovementRow,
+    TradeRow, UserId, MAX_ASSET_LEN_BYTES,
 };
 use crate::wal::format::{decode_payload, encode_payload, encode_payload_into};
 use crate::wal::Lsn;
@@ -87,7 +87,7 @@ pub fn movement_row(m: &Movement, lsn: Lsn) -> MovementRow {
         output_sequence: m.output_sequence,
         kind: m.kind,
         user_id: m.user_id,
-        asset: m.asset.clone(),
+        asset: m.asset,
         amount: m.amount,
         lsn,
     }
@@ -110,63 +110,63 @@ pub fn into_event_row(event: Event, lsn: Lsn) -> EventRow {
 
 /// The rows an event touches (at most four), with their deltas, without allocating: a buyer who
 /// is also the seller nets to zero on each row, never two writes of one row.
-struct RowDeltas<'a> {
-    rows: [(UserId, &'a str, Amount); 4],
+struct RowDeltas {
+    rows: [(UserId, Asset, Amount); 4],
     len: usize,
 }
 
-impl<'a> RowDeltas<'a> {
+impl RowDeltas {
     /// The rows an event touches, without deltas (for loading them).
-    fn keys(event: &'a Event) -> RowDeltas<'a> {
+    fn keys(event: &Event) -> RowDeltas {
         let mut out = RowDeltas {
-            rows: [(0, "", 0); 4],
+            rows: [(0, Asset::EMPTY, 0); 4],
             len: 0,
         };
         match event {
             Event::Trade(t) => {
                 for (user_id, asset) in [
-                    (t.buyer_user_id, t.base.as_str()),
-                    (t.buyer_user_id, t.quote.as_str()),
-                    (t.seller_user_id, t.base.as_str()),
-                    (t.seller_user_id, t.quote.as_str()),
+                    (t.buyer_user_id, t.base),
+                    (t.buyer_user_id, t.quote),
+                    (t.seller_user_id, t.base),
+                    (t.seller_user_id, t.quote),
                 ] {
                     out.add(user_id, asset, 0)
                         .expect("adding zero never overflows");
                 }
             }
             Event::Movement(m) => out
-                .add(m.user_id, &m.asset, 0)
+                .add(m.user_id, m.asset, 0)
                 .expect("adding zero never overflows"),
         }
         out
     }
 
     /// The balance changes of an event, one per row. `None` on overflow.
-    fn of(event: &'a Event) -> Option<RowDeltas<'a>> {
+    fn of(event: &Event) -> Option<RowDeltas> {
         let mut out = RowDeltas {
-            rows: [(0, "", 0); 4],
+            rows: [(0, Asset::EMPTY, 0); 4],
             len: 0,
         };
         match event {
             Event::Trade(t) => {
                 let notional = t.price.checked_mul(t.quantity)?;
-                out.add(t.buyer_user_id, &t.base, t.quantity)?;
-                out.add(t.buyer_user_id, &t.quote, notional.checked_neg()?)?;
-                out.add(t.seller_user_id, &t.base, t.quantity.checked_neg()?)?;
-                out.add(t.seller_user_id, &t.quote, notional)?;
+                out.add(t.buyer_user_id, t.base, t.quantity)?;
+                out.add(t.buyer_user_id, t.quote, notional.checked_neg()?)?;
+                out.add(t.seller_user_id, t.base, t.quantity.checked_neg()?)?;
+                out.add(t.seller_user_id, t.quote, notional)?;
             }
             Event::Movement(m) => {
                 let delta = match m.kind {
                     MovementKind::Deposit => m.amount,
                     MovementKind::Withdraw => m.amount.checked_neg()?,
                 };
-                out.add(m.user_id, &m.asset, delta)?;
+                out.add(m.user_id, m.asset, delta)?;
             }
         }
         Some(out)
     }
 
-    fn add(&mut self, user_id: UserId, asset: &'a str, delta: Amount) -> Option<()> {
+    fn add(&mut self, user_id: UserId, asset: Asset, delta: Amount) -> Option<()> {
         let rows = &mut self.rows[..self.len];
         match rows
             .iter_mut()
@@ -185,7 +185,7 @@ impl<'a> RowDeltas<'a> {
         Some(())
     }
 
-    fn as_slice(&self) -> &[(UserId, &'a str, Amount)] {
+    fn as_slice(&self) -> &[(UserId, Asset, Amount)] {
         &self.rows[..self.len]
     }
 }
@@ -199,19 +199,12 @@ struct AssetCode(u128);
 const _: () = assert!(MAX_ASSET_LEN_BYTES == 16, "an asset name fits a u128");
 
 impl AssetCode {
-    fn new(asset: &str) -> AssetCode {
-        // Validation (event parsing, the ledger's row checks) bounds every asset name.
-        assert!(
-            asset.len() <= MAX_ASSET_LEN_BYTES,
-            "asset names are validated to at most {MAX_ASSET_LEN_BYTES} bytes"
-        );
+    fn new(asset: &Asset) -> AssetCode {
         debug_assert!(
             !asset.bytes().any(|b| b == 0),
             "asset names have no zero byte"
         );
-        let mut bytes = [0u8; MAX_ASSET_LEN_BYTES];
-        bytes[..asset.len()].copy_from_slice(asset.as_bytes());
-        AssetCode(u128::from_le_bytes(bytes))
+        AssetCode(u128::from_le_bytes(*asset.padded_bytes()))
     }
 }
 
@@ -278,7 +271,10 @@ impl BalanceCache {
             for (user_id, asset, _) in RowDeltas::keys(event).as_slice() {
                 let key = (*user_id, AssetCode::new(asset));
                 if !self.rows.contains_key(&key) && seen.insert(key) {
-                    out.push(BalanceKey::new(*user_id, *asset));
+                    out.push(BalanceKey {
+                        user_id: *user_id,
+                        asset: *asset,
+                    });
                 }
             }
         }
@@ -375,9 +371,7 @@ impl BalanceCache {
                 let post_images = rows
                     .iter()
                     .zip(after)
-                    .map(|((user_id, asset, _), amount)| {
-                        (BalanceKey::new(*user_id, *asset), amount)
-                    })
+                    .map(|(&(user_id, asset, _), amount)| (BalanceKey { user_id, asset }, amount))
                     .collect();
                 Settled::Entry(SettlementEntry { event, post_images })
             }
@@ -391,12 +385,12 @@ impl BalanceCache {
     /// `N`).
     fn apply<const N: usize>(
         &mut self,
-        rows: &[(UserId, &str, Amount)],
+        rows: &[(UserId, Asset, Amount)],
         event: &Event,
     ) -> Result<Option<[Amount; 4]>, String> {
         assert_eq!(rows.len(), N);
         let keys: [(UserId, AssetCode); N] =
-            std::array::from_fn(|i| (rows[i].0, AssetCode::new(rows[i].1)));
+            std::array::from_fn(|i| (rows[i].0, AssetCode::new(&rows[i].1)));
         // The rows of one event are distinct (`RowDeltas` merges repeats).
         let cached = self
             .rows
@@ -406,7 +400,7 @@ impl BalanceCache {
             let Some(row) = row else { return Ok(None) };
             let (user_id, asset, delta) = rows[i];
             let current = row.amount;
-            let key = || BalanceKey::new(user_id, asset);
+            let key = || BalanceKey { user_id, asset };
             let Some(amount) = current.checked_add(delta) else {
                 return Err(format!(
                     "balance of {} would overflow ({current} + {delta})",

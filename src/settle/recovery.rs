@@ -150,7 +150,7 @@ pub async fn plan(
         .collect();
     let mut balance_keys: Vec<BalanceKey> = decoded
         .iter()
-        .flat_map(|(_, e)| e.post_images.iter().map(|(k, _)| k.clone()))
+        .flat_map(|(_, e)| e.post_images.iter().map(|(k, _)| *k))
         .collect();
     balance_keys.sort_unstable();
     balance_keys.dedup();
@@ -322,7 +322,7 @@ fn classify(
         };
         if class == RowClass::Missing {
             resend.balances.push(BalanceWrite {
-                key: key.clone(),
+                key: *key,
                 amount: *amount,
                 lsn,
             });
