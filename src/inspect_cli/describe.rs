@@ -14,7 +14,7 @@ const TEXT_HEX_BYTES: usize = 48;
 /// A record's payload, decoded by its type.
 pub(super) enum Payload {
     /// A settlement entry.
-    Entry(SettlementEntry),
+    Entry(Box<SettlementEntry>),
     /// A commit marker.
     Commit(CommitPayload),
     /// A checkpoint.
@@ -30,7 +30,7 @@ pub(super) enum Payload {
 pub(super) fn decode(record_type: RecordType, payload: &[u8]) -> Payload {
     match record_type {
         RecordType::Entry => match SettlementEntry::decode(payload) {
-            Ok(e) => Payload::Entry(e),
+            Ok(e) => Payload::Entry(Box::new(e)),
             Err(reason) => Payload::Undecodable {
                 note: format!("not a settlement entry ({reason})"),
             },

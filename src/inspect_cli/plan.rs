@@ -121,7 +121,7 @@ pub(super) fn plan(ctx: &mut Ctx<'_>, dir: &Path, store: &StoreUrl) -> Result<u8
     for e in entries {
         match describe::decode(RecordType::Entry, &e.payload) {
             Payload::Entry(s) => {
-                decoded.push(s);
+                decoded.push(*s);
                 decodable.push(e);
             }
             other => {

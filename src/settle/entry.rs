@@ -18,9 +18,18 @@ use crate::wal::Lsn;
 pub struct SettlementEntry {
     /// The validated event.
     pub event: Event,
-    /// Each touched balance row with its amount after this event (one per row).
-    pub post_images: Vec<(BalanceKey, Amount)>,
+    /// Each touched balance row with its amount after this event (one per row, at most
+    /// [`MAX_POST_IMAGES`] for a settled event: held inline, no allocation).
+    pub post_images: PostImages,
 }
+
+/// Most balance rows one event touches (a trade: buyer and seller, base and quote).
+pub const MAX_POST_IMAGES: usize = 4;
+
+/// The post-images of one entry. Serialized as a sequence, exactly as a `Vec` (the WAL bytes
+/// did not change when it replaced one); a decoded payload with more than
+/// [`MAX_POST_IMAGES`] rows still decodes (it spills to the heap), as it did as a `Vec`.
+pub type PostImages = smallvec::SmallVec<[(BalanceKey, Amount); MAX_POST_IMAGES]>;
 
 impl SettlementEntry {
     /// Encodes the WAL payload.
@@ -472,7 +481,7 @@ mod tests {
         loaded(&mut c, &own);
         let e = c.settle(own).unwrap();
         assert_eq!(
-            e.post_images,
+            e.post_images.to_vec(),
             vec![
                 (BalanceKey::new(5, "BTC"), 0),
                 (BalanceKey::new(5, "USDT"), 0)

@@ -25,10 +25,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::entry::{BalanceCache, Settled, SettlementEntry, DEFAULT_CACHE_ROWS};
+use super::entry::{into_event_row, BalanceCache, Settled, SettlementEntry, DEFAULT_CACHE_ROWS};
 use super::event::{parse_event, Event, Rejection};
 use super::SettleError;
-use crate::ledger::{EntryWrites, Ledger};
+use crate::ledger::{BalanceWrite, EntryWrites, Ledger};
 use crate::wal::{Lsn, Wal};
 
 /// Largest `--batch-max`.
@@ -213,12 +213,34 @@ struct DurableBatch {
 /// row; of the balance rows touched several times only the newest post-image is written, with
 /// the newest entry's LSN. Takes the entries, so nothing is copied.
 pub fn coalesce(entries: Vec<(Lsn, SettlementEntry)>) -> Vec<EntryWrites> {
-    crate::ledger::coalesce(
-        entries
-            .into_iter()
-            .map(|(lsn, entry)| entry.into_writes(lsn))
-            .collect(),
-    )
+    // What `ledger::coalesce` of each entry's `into_writes` gives, without a balance `Vec` per
+    // entry: the event rows with no balances, then every balance write in entry order (its
+    // stable sort keeps that order among equal keys and LSNs).
+    let mut writes: Vec<EntryWrites> = Vec::with_capacity(entries.len() + 1);
+    let mut balances: Vec<BalanceWrite> =
+        Vec::with_capacity(entries.iter().map(|(_, e)| e.post_images.len()).sum());
+    let mut last_lsn = None;
+    for (lsn, entry) in entries {
+        last_lsn = last_lsn.max(Some(lsn));
+        balances.extend(entry.post_images.iter().map(|&(key, amount)| BalanceWrite {
+            key,
+            amount,
+            lsn,
+        }));
+        writes.push(EntryWrites {
+            lsn,
+            event: Some(into_event_row(entry.event, lsn)),
+            balances: Vec::new(),
+        });
+    }
+    if let Some(lsn) = last_lsn.filter(|_| !balances.is_empty()) {
+        writes.push(EntryWrites {
+            lsn,
+            event: None,
+            balances,
+        });
+    }
+    crate::ledger::coalesce(writes)
 }
 
 /// The single writer: owns the balance cache and the dedup state.
@@ -767,4 +789,51 @@ fn on_done(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::ledger::{Asset, BalanceKey, MovementKind};
+    use crate::settle::event::{Event, Movement};
+
+    proptest! {
+        /// The pipeline's coalesce (no balance `Vec` per entry) writes exactly what
+        /// `ledger::coalesce` of every entry's own writes does: same event rows, same newest
+        /// post-image per row, same LSNs.
+        #[test]
+        fn coalesce_equals_the_ledger_coalesce_of_each_entrys_writes(
+            entries in proptest::collection::vec(
+                (1u64..4, proptest::collection::vec((0u64..3, 0usize..3, -50i64..50), 0..=4)),
+                0..40,
+            ),
+        ) {
+            let assets = ["BTC", "USDT", "ETH"].map(|a| Asset::new(a).unwrap());
+            let mut lsn = 0;
+            let entries: Vec<(Lsn, SettlementEntry)> = entries
+                .into_iter()
+                .map(|(step, images)| {
+                    lsn += step;
+                    let event = Event::Movement(Movement {
+                        output_sequence: lsn,
+                        kind: MovementKind::Deposit,
+                        user_id: 1,
+                        asset: assets[0],
+                        amount: 1,
+                    });
+                    let post_images = images
+                        .into_iter()
+                        .map(|(user_id, a, amount)| (BalanceKey { user_id, asset: assets[a] }, amount))
+                        .collect();
+                    (lsn, SettlementEntry { event, post_images })
+                })
+                .collect();
+            let want = crate::ledger::coalesce(
+                entries.iter().map(|(lsn, e)| e.writes(*lsn)).collect(),
+            );
+            prop_assert_eq!(coalesce(entries), want);
+        }
+    }
 }
