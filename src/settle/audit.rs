@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 
 use super::SettleError;
-use crate::ledger::{Amount, Asset, BalanceKey, Ledger, MovementKind};
+use crate::ledger::{Amount, Asset, BalanceKey, Ledger, MovementKind, MAX_ASSET_LEN_BYTES};
 use crate::wal::Lsn;
 
 /// Most problems listed in a report (the counts are always complete).
@@ -144,17 +144,32 @@ pub async fn audit(ledger: &dyn Ledger) -> Result<AuditReport, SettleError> {
             ));
             continue;
         };
+        let (Ok(base), Ok(quote)) = (Asset::new(base), Asset::new(quote)) else {
+            report.problem(format!(
+                "trade {} has a bad symbol {:?}: an asset name is longer than {} bytes",
+                t.trade_id, t.symbol, MAX_ASSET_LEN_BYTES
+            ));
+            continue;
+        };
         let Some(notional) = t.price.checked_mul(t.quantity) else {
             report.problem(format!("trade {}: price * quantity overflows", t.trade_id));
             continue;
         };
+        let base_key = |user_id| BalanceKey {
+            user_id,
+            asset: base,
+        };
+        let quote_key = |user_id| BalanceKey {
+            user_id,
+            asset: quote,
+        };
         events.push((
             t.lsn,
             vec![
-                (BalanceKey::new(t.buyer_user_id, base), t.quantity),
-                (BalanceKey::new(t.buyer_user_id, quote), -notional),
-                (BalanceKey::new(t.seller_user_id, base), -t.quantity),
-                (BalanceKey::new(t.seller_user_id, quote), notional),
+                (base_key(t.buyer_user_id), t.quantity),
+                (quote_key(t.buyer_user_id), -notional),
+                (base_key(t.seller_user_id), -t.quantity),
+                (quote_key(t.seller_user_id), notional),
             ],
         ));
     }
@@ -169,7 +184,11 @@ pub async fn audit(ledger: &dyn Ledger) -> Result<AuditReport, SettleError> {
             MovementKind::Deposit => m.amount,
             MovementKind::Withdraw => -m.amount,
         };
-        events.push((m.lsn, vec![(BalanceKey::new(m.user_id, &m.asset), delta)]));
+        let key = BalanceKey {
+            user_id: m.user_id,
+            asset: m.asset,
+        };
+        events.push((m.lsn, vec![(key, delta)]));
     }
     events.sort_by_key(|(lsn, _)| *lsn);
     for pair in events.windows(2) {
@@ -210,4 +229,33 @@ pub async fn audit(ledger: &dyn Ledger) -> Result<AuditReport, SettleError> {
         ));
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::conformance::trade_entry;
+    use crate::ledger::sim::SimLedger;
+    use crate::ledger::{EventRow, Symbol};
+
+    /// A stored trade whose symbol splits into an asset name too long for [`Asset`] (written by
+    /// something other than this process) is a problem in the report, not a panic.
+    #[tokio::test]
+    async fn a_stored_symbol_with_a_too_long_asset_is_reported() {
+        let store = SimLedger::new(1);
+        let mut entry = trade_entry(1, 7, 1, 2, [3, -195_000, -3, 195_000]);
+        let Some(EventRow::Trade(t)) = &mut entry.event else {
+            panic!("a trade entry");
+        };
+        t.symbol = Symbol::new("ABCDEFGHIJKLMNOPQ-USDT").unwrap();
+        store.apply(&[entry]).await.unwrap();
+        let report = audit(&store).await.unwrap();
+        assert!(!report.passed(), "{report}");
+        assert!(
+            report.to_string().contains(
+                "trade 7 has a bad symbol \"ABCDEFGHIJKLMNOPQ-USDT\": an asset name is longer than 16 bytes"
+            ),
+            "{report}"
+        );
+    }
 }
