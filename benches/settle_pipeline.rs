@@ -77,8 +77,11 @@ use common::{ms, pct, LoggedStatements};
 const PACED_FRACTIONS: [f64; 2] = [0.5, 0.8];
 
 /// Our (batch_max, inflight, batch_delay_ms) in the equal-load runs (`PIPELINE_BENCH_PACED`
-/// overrides).
-const PACED_SETTINGS: (usize, usize, u64) = (500, 8, 2);
+/// overrides). batch_max 100 since session 5: it caps how much work one apply carries when
+/// micro-batches waiting for a slot are merged, and its p99 at equal load was better than
+/// LOGGED's in 3 of 4 comparisons where batch_max 500 was worse in all 4, in the same hour
+/// (docs/benchmarks-pipeline.md).
+const PACED_SETTINGS: (usize, usize, u64) = (100, 8, 2);
 
 /// Users trading (balance rows: 3 per user).
 const USERS: u64 = 10_000;
