@@ -1018,8 +1018,8 @@ impl Inner {
     async fn read_user_balances(
         &self,
         user: u64,
-        assets: Vec<String>,
-    ) -> Result<Vec<(String, BalanceRow)>> {
+        assets: Vec<Asset>,
+    ) -> Result<Vec<(Asset, BalanceRow)>> {
         let uid = to_i64("user_id", user)?;
         let result = self
             .read("read balances", &self.select_balances, (uid, assets))
@@ -1029,7 +1029,7 @@ impl Inner {
         for row in rows.rows::<(String, i64, i64)>().map_err(other)? {
             let (asset, amount, last_lsn) = row.map_err(other)?;
             out.push((
-                asset,
+                stored_asset("balance asset", &asset)?,
                 BalanceRow {
                     amount,
                     last_lsn: to_u64("last_lsn", last_lsn)?,
@@ -1184,11 +1184,11 @@ impl Ledger for CqlLedger {
 
     async fn read_balances(&self, keys: &[BalanceKey]) -> Result<Vec<Option<BalanceRow>>> {
         // One query per user partition (`asset IN ?`), at most `inflight_reads` in flight.
-        let mut by_user: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        let mut by_user: std::collections::BTreeMap<u64, Vec<Asset>> = Default::default();
         for k in keys {
             let assets = by_user.entry(k.user_id).or_default();
-            if !assets.iter().any(|a| a.as_str() == k.asset.as_str()) {
-                assets.push(k.asset.to_string());
+            if !assets.contains(&k.asset) {
+                assets.push(k.asset);
             }
         }
         let mut found: HashMap<BalanceKey, BalanceRow> = Default::default();
@@ -1213,7 +1213,6 @@ impl Ledger for CqlLedger {
                 None => break,
                 Some(Ok(Ok((user, rows)))) => {
                     for (asset, row) in rows {
-                        let asset = stored_asset("balance asset", &asset)?;
                         found.insert(
                             BalanceKey {
                                 user_id: user,

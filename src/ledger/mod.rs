@@ -370,8 +370,21 @@ pub fn coalesce(writes: Vec<EntryWrites>) -> Vec<EntryWrites> {
         }
         balances.extend(w.balances);
     }
+    coalesce_rows(out, balances, last_lsn)
+}
+
+/// The second half of [`coalesce`], for callers that gathered the parts themselves: `events`
+/// (entries with their event rows and no balances, in order), then one write per row of
+/// `balances` (in entry order) with its newest post-image. `last_lsn` is the highest LSN of
+/// them all.
+pub(crate) fn coalesce_rows(
+    mut events: Vec<EntryWrites>,
+    mut balances: Vec<BalanceWrite>,
+    mut last_lsn: Option<Lsn>,
+) -> Vec<EntryWrites> {
+    debug_assert!(events.iter().all(|w| w.balances.is_empty()));
     if balances.is_empty() {
-        return out;
+        return events;
     }
     // One sort instead of a map: by row, then LSN. The sort is stable, so of equal LSNs the
     // later write stays later, and the last write of each row's run is the one to keep.
@@ -384,12 +397,12 @@ pub fn coalesce(writes: Vec<EntryWrites>) -> Vec<EntryWrites> {
             _ => rows.push(b),
         }
     }
-    out.push(EntryWrites {
+    events.push(EntryWrites {
         lsn: last_lsn.expect("balances were not empty"),
         event: None,
         balances: rows,
     });
-    out
+    events
 }
 
 /// Opens the store a URL names for reading only, for inspection tools: nothing is created or

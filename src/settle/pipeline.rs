@@ -214,8 +214,8 @@ struct DurableBatch {
 /// the newest entry's LSN. Takes the entries, so nothing is copied.
 pub fn coalesce(entries: Vec<(Lsn, SettlementEntry)>) -> Vec<EntryWrites> {
     // What `ledger::coalesce` of each entry's `into_writes` gives, without a balance `Vec` per
-    // entry: the event rows with no balances, then every balance write in entry order (its
-    // stable sort keeps that order among equal keys and LSNs).
+    // entry: the event rows, then every balance write gathered in entry order (the stable sort
+    // of `coalesce_rows` keeps that order among equal keys and LSNs).
     let mut writes: Vec<EntryWrites> = Vec::with_capacity(entries.len() + 1);
     let mut balances: Vec<BalanceWrite> =
         Vec::with_capacity(entries.iter().map(|(_, e)| e.post_images.len()).sum());
@@ -233,14 +233,7 @@ pub fn coalesce(entries: Vec<(Lsn, SettlementEntry)>) -> Vec<EntryWrites> {
             balances: Vec::new(),
         });
     }
-    if let Some(lsn) = last_lsn.filter(|_| !balances.is_empty()) {
-        writes.push(EntryWrites {
-            lsn,
-            event: None,
-            balances,
-        });
-    }
-    crate::ledger::coalesce(writes)
+    crate::ledger::coalesce_rows(writes, balances, last_lsn)
 }
 
 /// The single writer: owns the balance cache and the dedup state.
