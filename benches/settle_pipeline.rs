@@ -35,7 +35,9 @@
 //! Environment: `PIPELINE_BENCH_SCALE` (default 1; shrinks trade counts and durations),
 //! `PIPELINE_BENCH_SECS` (seconds per time-bounded CQL measurement, default 6, scaled),
 //! `PIPELINE_BENCH_WARMUP_SECS` (node warm-up before the CQL part, default 40, scaled),
-//! `PIPELINE_BENCH_ONLY` (`instant` or `cql`; default both), `PIPELINE_BENCH_CQL_PARAMS` (more
+//! `PIPELINE_BENCH_ONLY` (`instant`, `cql`, or `paced`: only the equal-load comparison;
+//! default `instant` and `cql`), `PIPELINE_BENCH_PACED` (`BATCH_MAX,INFLIGHT,DELAY_MS` of ours
+//! in the equal-load runs), `PIPELINE_BENCH_CQL_PARAMS` (more
 //! store URL options for our pipeline's CQL store, e.g. `&batch_statements=100&batch_bytes=49152`), `PIPELINE_BENCH_STAGES=0` (skip
 //! the stage profile, e.g. under `perf record`), `PIPELINE_BENCH_NODE` (default
 //! 127.0.0.1:9042). Criterion-style arguments (`--bench`) are ignored.
@@ -78,9 +80,8 @@ const PACED_FRACTIONS: [f64; 2] = [0.5, 0.8];
 
 /// Our (batch_max, inflight, batch_delay_ms) in the equal-load runs (`PIPELINE_BENCH_PACED`
 /// overrides). batch_max 100 since session 5: it caps how much work one apply carries when
-/// micro-batches waiting for a slot are merged, and its p99 at equal load was better than
-/// LOGGED's in 3 of 4 comparisons where batch_max 500 was worse in all 4, in the same hour
-/// (docs/benchmarks-pipeline.md).
+/// micro-batches waiting for a slot are merged; on 2026-12-02 its p99 at equal load beat
+/// LOGGED's in 4 of 10 comparisons, batch_max 500's in 0 of 8 (docs/benchmarks-pipeline.md).
 const PACED_SETTINGS: (usize, usize, u64) = (100, 8, 2);
 
 /// Users trading (balance rows: 3 per user).
