@@ -8,6 +8,9 @@
 //! - (b) LOGGED micro-batches of 10 and 50 trades (50 / 250 statements);
 //! - (c) `CqlLedger::apply` of 1, 10 and 50 trades: UNLOGGED batches with the default split
 //!   (30 statements per batch, up to 16 in flight per apply);
+//! - (d) the 50-trade batch of (b) sent UNLOGGED, and then (b) and (d) head to head at 8
+//!   workers, back to back in ABBA order: the batchlog's whole cost on this node, so the most
+//!   any UNLOGGED design could gain over LOGGED micro-batches here;
 //! - the node's raw capacity: single-row inserts (no batch) at several concurrencies, the best
 //!   one being the ceiling in rows/s.
 //!
@@ -20,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use scylla::statement::batch::BatchType;
 use settlement_wal::ledger::conformance::trade_entry;
 use settlement_wal::ledger::cql::CqlLedger;
 use settlement_wal::ledger::{EntryWrites, Ledger, LedgerError, StoreUrl};
@@ -27,11 +31,18 @@ use settlement_wal::ledger::{EntryWrites, Ledger, LedgerError, StoreUrl};
 mod common;
 use common::{measure, ms, pct, LoggedStatements, Measured};
 
+/// Rounds of the LOGGED-vs-UNLOGGED head-to-head (an even number: ABBA order).
+const HEAD_TO_HEAD_ROUNDS: usize = 4;
+
 /// What one worker does per iteration.
 #[derive(Clone, Copy, Debug)]
 enum Unit {
     /// One LOGGED batch holding `n` trades.
     Logged(usize),
+    /// One UNLOGGED batch holding `n` trades: the LOGGED batch's exact statements, without the
+    /// batchlog. What it saves over [`Unit::Logged`] is all any UNLOGGED design can gain on
+    /// this node.
+    Unlogged(usize),
     /// One `CqlLedger::apply` of `n` trades.
     Apply(usize),
     /// One single-row insert (raw capacity).
@@ -41,7 +52,7 @@ enum Unit {
 impl Unit {
     fn trades(self) -> u64 {
         match self {
-            Unit::Logged(n) | Unit::Apply(n) => n as u64,
+            Unit::Logged(n) | Unit::Unlogged(n) | Unit::Apply(n) => n as u64,
             Unit::Row => 0,
         }
     }
@@ -50,6 +61,7 @@ impl Unit {
         match self {
             Unit::Logged(1) => "(a) LOGGED, 1 trade per batch".into(),
             Unit::Logged(n) => format!("(b) LOGGED, {n} trades per batch"),
+            Unit::Unlogged(n) => format!("(d) the same batch UNLOGGED, {n} trades"),
             Unit::Apply(n) => format!(
                 "(c) UNLOGGED via apply, {n} trade{} per apply",
                 if n == 1 { "" } else { "s" }
@@ -60,7 +72,7 @@ impl Unit {
 
     fn latency_unit(self) -> String {
         match self {
-            Unit::Logged(n) => format!("batch ({} stmts)", 5 * n),
+            Unit::Logged(n) | Unit::Unlogged(n) => format!("batch ({} stmts)", 5 * n),
             Unit::Apply(n) => {
                 let stmts = 5 * n;
                 format!("apply ({stmts} stmts, {} batch(es))", stmts.div_ceil(30))
@@ -88,13 +100,17 @@ fn trade(lsn: u64) -> EntryWrites {
 
 async fn run_unit(b: &Bench, unit: Unit) -> Result<(), String> {
     match unit {
-        Unit::Logged(n) | Unit::Apply(n) => {
+        Unit::Logged(n) | Unit::Unlogged(n) | Unit::Apply(n) => {
             let first = b.next.fetch_add(n as u64, Ordering::Relaxed);
             let entries: Vec<EntryWrites> = (first..first + n as u64).map(trade).collect();
             if let Unit::Apply(_) = unit {
                 b.ledger.apply(&entries).await.map_err(|e| e.to_string())
             } else {
-                let (batch, values) = b.statements.logged_batch(&entries);
+                let batch_type = match unit {
+                    Unit::Unlogged(_) => BatchType::Unlogged,
+                    _ => BatchType::Logged,
+                };
+                let (batch, values) = b.statements.batch(&entries, batch_type);
                 b.ledger
                     .session()
                     .batch(&batch, &values)
@@ -181,7 +197,12 @@ async fn run(node: String, secs: f64, levels: Vec<usize>) {
     eprintln!("warming up (JIT, connections) for {secs} s...");
     let _ = measure_unit(&b, Unit::Apply(10), 8, secs).await;
 
-    let mut units = vec![Unit::Logged(1), Unit::Logged(10), Unit::Logged(50)];
+    let mut units = vec![
+        Unit::Logged(1),
+        Unit::Logged(10),
+        Unit::Logged(50),
+        Unit::Unlogged(50),
+    ];
     units.extend([Unit::Apply(1), Unit::Apply(10), Unit::Apply(50)]);
 
     println!(
@@ -212,6 +233,35 @@ async fn run(node: String, secs: f64, levels: Vec<usize>) {
             }
         }
     }
+    // What the batchlog costs on this node: the same 50-trade batch LOGGED and UNLOGGED, back
+    // to back in ABBA order (the node keeps speeding up while its JVM warms).
+    let mut pairs = Vec::new();
+    for round in 0..HEAD_TO_HEAD_ROUNDS {
+        let order = if round % 2 == 0 {
+            [Unit::Logged(50), Unit::Unlogged(50)]
+        } else {
+            [Unit::Unlogged(50), Unit::Logged(50)]
+        };
+        let mut tps = [0.0f64; 2];
+        for unit in order {
+            let m = measure_unit(&b, unit, 8, secs).await;
+            let i = usize::from(matches!(unit, Unit::Unlogged(_)));
+            tps[i] = (m.units * unit.trades()) as f64 / m.secs;
+        }
+        pairs.push(tps);
+    }
+    let sum = |i: usize| pairs.iter().map(|p| p[i]).sum::<f64>();
+    println!(
+        "\nThe same 250-statement batch, 8 workers, {HEAD_TO_HEAD_ROUNDS} rounds back to back \
+         (ABBA): LOGGED / UNLOGGED trades/s {}; UNLOGGED / LOGGED = **{:.2}x** over all rounds.\n",
+        pairs
+            .iter()
+            .map(|p| format!("{:.0} / {:.0}", p[0], p[1]))
+            .collect::<Vec<_>>()
+            .join(", "),
+        sum(1) / sum(0)
+    );
+
     let mut best = 0.0f64;
     let mut raw_levels = levels.clone();
     for extra in [64, 128] {

@@ -55,6 +55,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use scylla::statement::batch::BatchType;
 use settlement_wal::app::messages_source;
 use settlement_wal::ingest::source_channel;
 use settlement_wal::ledger::conformance::trade_entry;
@@ -1000,7 +1001,7 @@ async fn run_unit(b: &AltBench, unit: Unit) -> Result<(), String> {
         Unit::Logged(n) => {
             let first = b.next.fetch_add(n as u64, Ordering::Relaxed);
             let entries: Vec<EntryWrites> = (first..first + n as u64).map(alt_trade).collect();
-            let (batch, values) = b.statements.logged_batch(&entries);
+            let (batch, values) = b.statements.batch(&entries, BatchType::Logged);
             b.ledger
                 .session()
                 .batch(&batch, &values)

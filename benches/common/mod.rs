@@ -42,9 +42,9 @@ impl LoggedStatements {
         }
     }
 
-    /// A LOGGED batch (and its values) holding every row of `entries`.
-    pub fn logged_batch(&self, entries: &[EntryWrites]) -> (Batch, Vec<Vals>) {
-        let mut batch = Batch::new(BatchType::Logged);
+    /// A batch of `batch_type` (and its values) holding every row of `entries`, in entry order.
+    pub fn batch(&self, entries: &[EntryWrites], batch_type: BatchType) -> (Batch, Vec<Vals>) {
+        let mut batch = Batch::new(batch_type);
         batch.set_consistency(Consistency::One);
         batch.set_is_idempotent(true);
         let mut values = Vec::with_capacity(entries.len() * 5);
