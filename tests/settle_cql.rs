@@ -111,3 +111,43 @@ fn settlement_on_cassandra_survives_sigkills_and_audits_clean() {
         want.trades.len()
     );
 }
+
+/// With a CQL store `settlement run` bounds micro-batches at 100 events unless `--batch-max`
+/// says otherwise (docs/cql.md, "Tuning"); the embedded store's default is 1000 (settle_e2e).
+#[test]
+fn a_cql_store_settles_with_the_small_default_batch_bound() {
+    if !node_up_or_skip() {
+        return;
+    }
+    let lines = generate(&DemoSpec {
+        seed: 7,
+        users: 5,
+        trades: 50,
+        withdraw_every: 0,
+        malformed_every: 0,
+    });
+    let dir = common::temp_dir();
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let keyspace = format!("settle_defaults_{}", std::process::id());
+    let store = format!("cql://{NODE}/{keyspace}?consistency=one");
+    for (extra, want) in [(&[][..], 100), (&["--batch-max", "500"][..], 500)] {
+        let mut args = run_args(dir.path(), &input, &store);
+        // run_args passes --batch-max 500 for the crash test; drop it to see the default.
+        let at = args.iter().position(|a| a == "--batch-max").unwrap();
+        args.drain(at..at + 2);
+        let out = settlement()
+            .args(["--log-format", "json"])
+            .args(&args)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let settings = common::logged_settings(&stderr)
+            .unwrap_or_else(|| panic!("no `settling` event in: {stderr}"));
+        assert_eq!(settings["batch_max"], want, "{extra:?}: {settings}");
+    }
+    let want = model(&lines);
+    assert_store_matches_model(&store, &want, "default batch bound");
+}

@@ -56,6 +56,33 @@ not json at all
 {"output_sequence": 3, "trade_id": 9001, "symbol": "BTC-USDT", "buyer_user_id": 1, "seller_user_id": 2, "price": 65000, "quantity": 3, "timestamp_ns": 1763900000000000000}
 "#;
 
+/// The embedded store's default micro-batch bound is 1000 (a CQL store's is 100: settle_cql), and
+/// `--batch-max` overrides it; the settings in effect are logged when settling starts.
+#[test]
+fn the_embedded_store_settles_with_the_large_default_batch_bound() {
+    let dir = common::temp_dir();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, INPUT).unwrap();
+    for (extra, want) in [(&[][..], 1000), (&["--batch-max", "7"][..], 7)] {
+        let out = settlement()
+            .args(["--log-format", "json"])
+            .args(["run", "--input", input.to_str().unwrap(), "--wal-dir"])
+            .arg(dir.path().join("wal"))
+            .args(["--store", &store(dir.path()), "--rejects"])
+            .arg(dir.path().join("rejects.jsonl"))
+            .args(["--no-progress"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let settings = common::logged_settings(&stderr)
+            .unwrap_or_else(|| panic!("no `settling` event in: {stderr}"));
+        assert_eq!(settings["batch_max"], want, "{extra:?}: {settings}");
+        assert_eq!(settings["inflight"], 8, "{settings}");
+    }
+}
+
 #[test]
 fn a_file_is_settled_with_a_summary_rejects_with_reasons_and_exactly_once_on_rerun() {
     let dir = common::temp_dir();

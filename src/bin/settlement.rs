@@ -60,9 +60,10 @@ enum Command {
         /// Rejected messages with their reasons (JSON lines).
         #[arg(long, default_value = "./data/rejects.jsonl")]
         rejects: PathBuf,
-        /// Flush a micro-batch at this many events (1..=10000).
-        #[arg(long, default_value_t = 1000)]
-        batch_max: usize,
+        /// Flush a micro-batch at this many events (1..=10000) [default: 1000 with the
+        /// embedded store, 100 with a CQL store (docs/cql.md, "Tuning")].
+        #[arg(long)]
+        batch_max: Option<usize>,
         /// ... or when its first event has waited this long.
         #[arg(long, default_value_t = 2)]
         batch_delay_ms: u64,
@@ -179,8 +180,9 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             options.wal_dir = wal_dir;
             options.store = store;
             options.rejects = Some(rejects);
+            let defaults = PipelineSettings::for_store(&options.store);
             options.pipeline = PipelineSettings {
-                batch_max,
+                batch_max: batch_max.unwrap_or(defaults.batch_max),
                 batch_delay_ms,
                 inflight,
                 cache_rows,
@@ -188,7 +190,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     OnGap::Log => GapPolicy::Log,
                     OnGap::Halt => GapPolicy::Halt,
                 },
-                ..PipelineSettings::default()
+                ..defaults
             };
             options.segment_size_bytes = segment_mib.clamp(1, 1024) << 20;
             options.accept_divergence = accept_divergence;

@@ -223,3 +223,14 @@ pub fn model(lines: &[String]) -> Model {
     }
     m
 }
+
+/// The pipeline settings `settlement run` logged when it started settling (its `settling` event
+/// under `--log-format json`), as the JSON object of the event's fields; `None` when `stderr`
+/// holds no such event.
+pub fn logged_settings(stderr: &str) -> Option<serde_json::Value> {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["fields"].clone())
+        .find(|f| f["message"] == "settling")
+}
