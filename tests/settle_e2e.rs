@@ -63,17 +63,11 @@ fn the_embedded_store_settles_with_the_large_default_batch_bound() {
     let dir = common::temp_dir();
     let input = dir.path().join("in.jsonl");
     std::fs::write(&input, INPUT).unwrap();
-    for (extra, want) in [(&[][..], 1000), (&["--batch-max", "7"][..], 7)] {
-        let out = settlement()
-            .args(["--log-format", "json"])
-            .args(["run", "--input", input.to_str().unwrap(), "--wal-dir"])
-            .arg(dir.path().join("wal"))
-            .args(["--store", &store(dir.path()), "--rejects"])
-            .arg(dir.path().join("rejects.jsonl"))
-            .args(["--no-progress"])
-            .args(extra)
-            .output()
-            .unwrap();
+    for (extra, want) in [
+        (&["--log-format", "json"][..], 1000),
+        (&["--log-format", "json", "--batch-max", "7"][..], 7),
+    ] {
+        let out = run(dir.path(), input.to_str().unwrap(), extra);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stderr}");
         let settings = common::logged_settings(&stderr)
