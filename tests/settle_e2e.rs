@@ -77,6 +77,33 @@ fn the_embedded_store_settles_with_the_large_default_batch_bound() {
     }
 }
 
+/// Out-of-range limits are refused before anything is opened, with the flag and its range named
+/// (they used to be clamped silently).
+#[test]
+fn out_of_range_batch_and_inflight_limits_are_refused() {
+    let dir = common::temp_dir();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, INPUT).unwrap();
+    for (flag, value, range) in [
+        ("--batch-max", "0", "1..=10000"),
+        ("--batch-max", "10001", "1..=10000"),
+        ("--inflight", "0", "1..=256"),
+        ("--inflight", "257", "1..=256"),
+    ] {
+        let out = run(dir.path(), input.to_str().unwrap(), &[flag, value]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(&format!("{value} is not in {range}")),
+            "{flag} {value}: {stderr}"
+        );
+        assert!(
+            !dir.path().join("wal").exists(),
+            "nothing is opened: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn a_file_is_settled_with_a_summary_rejects_with_reasons_and_exactly_once_on_rerun() {
     let dir = common::temp_dir();

@@ -15,7 +15,14 @@ use settlement_wal::ingest::Input;
 use settlement_wal::ledger::StoreUrl;
 use settlement_wal::observe::{init_logging, LogFormat};
 use settlement_wal::settle::demo::DemoSpec;
+use settlement_wal::settle::pipeline::{MAX_BATCH_EVENTS, MAX_INFLIGHT_BATCHES};
 use settlement_wal::settle::{GapPolicy, PipelineSettings};
+
+/// A flag's parser accepting 1 to `max`: a value outside is an error naming the flag and the
+/// range, not a silent clamp.
+fn in_range(max: usize) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..=max as u64)
+}
 
 #[derive(Parser)]
 #[command(
@@ -62,14 +69,14 @@ enum Command {
         rejects: PathBuf,
         /// Flush a micro-batch at this many events (1..=10000) [default: 1000 with the
         /// embedded store, 100 with a CQL store (docs/cql.md, "Tuning")].
-        #[arg(long)]
+        #[arg(long, value_parser = in_range(MAX_BATCH_EVENTS))]
         batch_max: Option<usize>,
         /// ... or when its first event has waited this long.
         #[arg(long, default_value_t = 2)]
         batch_delay_ms: u64,
         /// Store applies in flight (1..=256); micro-batches waiting for a free slot go out
         /// together, as one apply of up to --batch-max events.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = in_range(MAX_INFLIGHT_BATCHES))]
         inflight: usize,
         /// Bound of the balance cache in rows (about 64 bytes each); past it, rows whose last
         /// change the store acknowledged are forgotten and reloaded when needed.
