@@ -77,10 +77,11 @@ fn the_embedded_store_settles_with_the_large_default_batch_bound() {
     }
 }
 
-/// Out-of-range limits are refused before anything is opened, with the flag and its range named
+/// Out-of-range limits (micro-batch size, applies in flight, segment size) are refused before
+/// anything is opened, with the flag and its range named
 /// (they used to be clamped silently).
 #[test]
-fn out_of_range_batch_and_inflight_limits_are_refused() {
+fn out_of_range_limits_are_refused() {
     let dir = common::temp_dir();
     let input = dir.path().join("in.jsonl");
     std::fs::write(&input, INPUT).unwrap();
@@ -89,6 +90,8 @@ fn out_of_range_batch_and_inflight_limits_are_refused() {
         ("--batch-max", "10001", "1..=10000"),
         ("--inflight", "0", "1..=256"),
         ("--inflight", "257", "1..=256"),
+        ("--segment-mib", "0", "1..=1024"),
+        ("--segment-mib", "2048", "1..=1024"),
     ] {
         let out = run(dir.path(), input.to_str().unwrap(), &[flag, value]);
         let stderr = String::from_utf8_lossy(&out.stderr);

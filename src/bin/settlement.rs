@@ -94,8 +94,8 @@ enum Command {
         /// Serve Prometheus /metrics and /health on this address (e.g. 127.0.0.1:9184).
         #[arg(long)]
         metrics_addr: Option<SocketAddr>,
-        /// WAL segment size in MiB.
-        #[arg(long, default_value_t = 64)]
+        /// WAL segment size in MiB (1..=1024).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
         segment_mib: u64,
         /// No progress bar.
         #[arg(long)]
@@ -199,7 +199,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 },
                 ..defaults
             };
-            options.segment_size_bytes = segment_mib.clamp(1, 1024) << 20;
+            options.segment_size_bytes = segment_mib << 20;
             options.accept_divergence = accept_divergence;
             options.recover_only = recover_only;
             options.metrics_addr = metrics_addr;
