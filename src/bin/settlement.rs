@@ -17,6 +17,7 @@ use settlement_wal::observe::{init_logging, LogFormat};
 use settlement_wal::settle::demo::DemoSpec;
 use settlement_wal::settle::pipeline::{MAX_BATCH_EVENTS, MAX_INFLIGHT_BATCHES};
 use settlement_wal::settle::{GapPolicy, PipelineSettings};
+use settlement_wal::wal::format::MAX_SEGMENT_SIZE_BYTES;
 
 /// A flag's parser accepting 1 to `max`: a value outside is an error naming the flag and the
 /// range, not a silent clamp.
@@ -95,7 +96,7 @@ enum Command {
         #[arg(long)]
         metrics_addr: Option<SocketAddr>,
         /// WAL segment size in MiB (1..=1024).
-        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=MAX_SEGMENT_SIZE_BYTES >> 20))]
         segment_mib: u64,
         /// No progress bar.
         #[arg(long)]
