@@ -46,8 +46,6 @@ fn run_args(dir: &Path, input: &Path, store: &str) -> Vec<String> {
         "--segment-mib",
         "1",
         "--no-progress",
-        "--batch-max",
-        "500",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -78,7 +76,8 @@ fn settlement_on_cassandra_survives_sigkills_and_audits_clean() {
     let dir = common::temp_dir();
     let input = dir.path().join("input.jsonl");
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
-    let args = run_args(dir.path(), &input, &store);
+    let mut args = run_args(dir.path(), &input, &store);
+    args.extend(["--batch-max".to_string(), "500".to_string()]);
     let mut recoveries = 0;
     for _ in 0..kills {
         let mut child = settlement()
@@ -132,13 +131,9 @@ fn a_cql_store_settles_with_the_small_default_batch_bound() {
     let keyspace = format!("settle_defaults_{}", std::process::id());
     let store = format!("cql://{NODE}/{keyspace}?consistency=one");
     for (extra, want) in [(&[][..], 100), (&["--batch-max", "500"][..], 500)] {
-        let mut args = run_args(dir.path(), &input, &store);
-        // run_args passes --batch-max 500 for the crash test; drop it to see the default.
-        let at = args.iter().position(|a| a == "--batch-max").unwrap();
-        args.drain(at..at + 2);
         let out = settlement()
             .args(["--log-format", "json"])
-            .args(&args)
+            .args(run_args(dir.path(), &input, &store))
             .args(extra)
             .output()
             .unwrap();
