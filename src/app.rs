@@ -36,8 +36,12 @@ pub struct RunOptions {
     pub pipeline: PipelineSettings,
     /// WAL segment size.
     pub segment_size_bytes: u64,
-    /// Keep diverged rows instead of stopping.
+    /// Keep diverged entries instead of stopping.
     pub accept_divergence: bool,
+    /// Bind a new WAL to a store another WAL wrote (`--new-wal`).
+    pub new_wal: bool,
+    /// Let this WAL take over a store behind it or bound elsewhere (`--adopt-store`).
+    pub adopt_store: bool,
     /// Run recovery and exit.
     pub recover_only: bool,
     /// Serve /metrics and /health here.
@@ -57,6 +61,8 @@ impl RunOptions {
             pipeline: PipelineSettings::default(),
             segment_size_bytes: DEFAULT_SEGMENT_SIZE_BYTES,
             accept_divergence: false,
+            new_wal: false,
+            adopt_store: false,
             recover_only: false,
             metrics_addr: None,
             progress: true,
@@ -96,10 +102,16 @@ pub async fn run(options: RunOptions, shutdown: watch::Receiver<bool>) -> anyhow
             wal_dir: options.wal_dir.clone(),
             segment_size_bytes: options.segment_size_bytes,
             accept_divergence: options.accept_divergence,
+            new_wal: options.new_wal,
+            adopt_store: options.adopt_store,
+            max_seq_jump: options.pipeline.max_seq_jump,
         },
     )
     .await
     .inspect_err(|_| health.set_unhealthy())?;
+    health.set_open_holes(settlement.sequences().hole_count() as u64);
+    let mut pipeline_settings = options.pipeline.clone();
+    pipeline_settings.open_holes = Some(health.open_holes_counter());
     let r = settlement.recovery();
     if r.pending > 0 {
         eprintln!(
@@ -125,7 +137,7 @@ pub async fn run(options: RunOptions, shutdown: watch::Receiver<bool>) -> anyhow
         .map_err(anyhow::Error::msg)?;
     let bar = progress_bar(&options, progress);
     let result = settlement
-        .run(source, shutdown, options.pipeline.clone(), rejects)
+        .run(source, shutdown, pipeline_settings, rejects)
         .await;
     if let Some((bar, task)) = bar {
         task.abort();
@@ -200,6 +212,33 @@ pub async fn balances(store: &StoreUrl) -> anyhow::Result<Vec<BalanceJson>> {
         .collect();
     rows.sort_by(|a, b| (a.user_id, &a.asset).cmp(&(b.user_id, &b.asset)));
     Ok(rows)
+}
+
+/// The open holes of a store, as `settlement holes` prints them.
+#[derive(Debug, serde::Serialize)]
+pub struct HolesReport {
+    /// The open holes, in sequence order.
+    pub holes: Vec<crate::ledger::HoleRow>,
+    /// Sequences missing in all.
+    pub missing: u64,
+    /// The highest sequence accounted for.
+    pub high_sequence: Option<u64>,
+}
+
+/// `settlement holes`: the open holes (sequences never seen, waiting for a backfill).
+pub async fn holes(store: &StoreUrl) -> anyhow::Result<HolesReport> {
+    let ledger = crate::ledger::open_store_read_only(store).await?;
+    let holes = ledger.open_holes().await?;
+    let missing = holes
+        .iter()
+        .map(|h| h.last_sequence - h.first_sequence + 1)
+        .sum();
+    let high_sequence = ledger.high_water().await?.map(|h| h.high_sequence);
+    Ok(HolesReport {
+        holes,
+        missing,
+        high_sequence,
+    })
 }
 
 /// `settlement audit`.

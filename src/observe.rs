@@ -1,7 +1,7 @@
 //! Logs (tracing), the Prometheus `/metrics` and `/health` endpoint, and the progress bar.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -30,23 +30,46 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// Health flag served on `/health`: 200 while up, 503 once it is cleared (failed or draining).
+/// Health served on `/health`: 200 while up, 503 once it is cleared (failed or draining); the
+/// body also reports the open holes (sequences never seen, P9).
 #[derive(Clone, Debug, Default)]
-pub struct Health(Arc<AtomicBool>);
+pub struct Health {
+    up: Arc<AtomicBool>,
+    open_holes: Arc<AtomicU64>,
+}
 
 impl Health {
     /// Healthy from the start.
     pub fn new() -> Health {
-        Health(Arc::new(AtomicBool::new(true)))
+        Health {
+            up: Arc::new(AtomicBool::new(true)),
+            open_holes: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     /// Marks the process unhealthy.
     pub fn set_unhealthy(&self) {
-        self.0.store(false, Ordering::Relaxed);
+        self.up.store(false, Ordering::Relaxed);
+    }
+
+    /// Records the number of open holes.
+    pub fn set_open_holes(&self, holes: u64) {
+        self.open_holes.store(holes, Ordering::Relaxed);
+    }
+
+    /// The counter the pipeline keeps current.
+    pub fn open_holes_counter(&self) -> Arc<AtomicU64> {
+        self.open_holes.clone()
     }
 
     fn is_healthy(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn body(&self) -> String {
+        let holes = self.open_holes.load(Ordering::Relaxed);
+        let state = if self.is_healthy() { "ok" } else { "unhealthy" };
+        format!("{state}\nopen_holes {holes}\n")
     }
 }
 
@@ -102,12 +125,8 @@ async fn answer(
     let path = head.split_whitespace().nth(1).unwrap_or("/");
     let (status, content_type, body) = match path {
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
-        "/health" if health.is_healthy() => ("200 OK", "text/plain", "ok\n".to_string()),
-        "/health" => (
-            "503 Service Unavailable",
-            "text/plain",
-            "unhealthy\n".to_string(),
-        ),
+        "/health" if health.is_healthy() => ("200 OK", "text/plain", health.body()),
+        "/health" => ("503 Service Unavailable", "text/plain", health.body()),
         _ => (
             "404 Not Found",
             "text/plain",
@@ -134,7 +153,19 @@ fn describe_metrics() {
         "settlement_duplicates_total",
         "Messages skipped as duplicates"
     );
-    describe_counter!("settlement_gaps_total", "Gaps in the output sequence");
+    describe_counter!(
+        "settlement_gaps_total",
+        "Gaps in the output sequence (each opened a hole)"
+    );
+    describe_counter!(
+        "settlement_hole_fills_total",
+        "Messages that filled (part of) an open hole"
+    );
+    describe_gauge!(
+        "settlement_open_holes",
+        "Open holes: runs of output sequences never seen"
+    );
+    describe_gauge!("settlement_writer_epoch", "This writer's epoch (fencing)");
     describe_counter!(
         "settlement_recovered_entries_total",
         "Pending entries handled by recovery, by class"

@@ -46,9 +46,9 @@ enum LogFormatArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum OnGap {
-    /// Log and count the gap, carry on.
+    /// Record the gap as an open hole, count it, carry on.
     Log,
-    /// Stop after settling what came before the gap.
+    /// Settle and sync everything before the gap, then stop naming the first missing sequence.
     Halt,
 }
 
@@ -86,9 +86,23 @@ enum Command {
         /// What to do on a gap in output_sequence.
         #[arg(long, value_enum, default_value = "log")]
         on_gap: OnGap,
-        /// Keep diverged rows as the store has them instead of stopping at recovery.
+        /// Keep diverged entries as the store has them (nothing of them is re-sent) instead of
+        /// stopping at recovery.
         #[arg(long)]
         accept_divergence: bool,
+        /// A sequence more than this far past the highest one is refused as wild instead of
+        /// being taken as progress (1..=2^40).
+        #[arg(long, default_value_t = settlement_wal::settle::sequence::DEFAULT_MAX_SEQUENCE_JUMP,
+              value_parser = clap::value_parser!(u64).range(1..=settlement_wal::settle::sequence::MAX_SEQUENCE_JUMP_LIMIT))]
+        max_seq_jump: u64,
+        /// Bind a new, empty WAL directory to a store another WAL wrote (that WAL is lost):
+        /// LSNs start above the store's high-water; the lost WAL's pending entries are given up.
+        #[arg(long, conflicts_with = "adopt_store")]
+        new_wal: bool,
+        /// Let this WAL take over a store that is behind it or bound to another WAL (a store
+        /// restored from a backup); then replay the engine's journal to fill what it lacks.
+        #[arg(long)]
+        adopt_store: bool,
         /// Run recovery and exit.
         #[arg(long)]
         recover_only: bool,
@@ -101,6 +115,15 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         no_progress: bool,
+    },
+    /// List the open holes: sequences never seen, waiting for a backfill.
+    Holes {
+        /// The store.
+        #[arg(long, default_value = "embedded:./data/ledger.redb")]
+        store: StoreUrl,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
     /// Print every balance row.
     Balances {
@@ -179,6 +202,9 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             cache_rows,
             on_gap,
             accept_divergence,
+            max_seq_jump,
+            new_wal,
+            adopt_store,
             recover_only,
             metrics_addr,
             segment_mib,
@@ -198,8 +224,11 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     OnGap::Log => GapPolicy::Log,
                     OnGap::Halt => GapPolicy::Halt,
                 },
+                max_seq_jump,
                 ..defaults
             };
+            options.new_wal = new_wal;
+            options.adopt_store = adopt_store;
             options.segment_size_bytes = segment_mib << 20;
             options.accept_divergence = accept_divergence;
             options.recover_only = recover_only;
@@ -207,6 +236,28 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             options.progress = !no_progress;
             let shutdown = app::shutdown_on_signals()?;
             app::run(options, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Holes { store, json } => {
+            let holes = app::holes(&store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&holes)?);
+            } else {
+                println!(
+                    "{} open hole(s), {} sequence(s) missing",
+                    holes.holes.len(),
+                    holes.missing
+                );
+                for h in &holes.holes {
+                    println!(
+                        "  {}..={} ({} missing, recorded at LSN {})",
+                        h.first_sequence,
+                        h.last_sequence,
+                        h.last_sequence - h.first_sequence + 1,
+                        h.lsn
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Balances { store, json } => {

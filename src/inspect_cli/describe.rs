@@ -4,6 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::ledger::{Amount, BalanceKey};
+use crate::settle::control::{ControlEntry, WalPayload};
 use crate::settle::entry::SettlementEntry;
 use crate::settle::event::Event;
 use crate::wal::format::{decode_payload, CheckpointPayload, CommitPayload, RecordType};
@@ -15,6 +16,8 @@ const TEXT_HEX_BYTES: usize = 48;
 pub(super) enum Payload {
     /// A settlement entry.
     Entry(Box<SettlementEntry>),
+    /// A micro-batch's control entry (rejections, holes, high-water).
+    Control(Box<ControlEntry>),
     /// A commit marker.
     Commit(CommitPayload),
     /// A checkpoint.
@@ -29,8 +32,9 @@ pub(super) enum Payload {
 /// Decodes a payload by record type.
 pub(super) fn decode(record_type: RecordType, payload: &[u8]) -> Payload {
     match record_type {
-        RecordType::Entry => match SettlementEntry::decode(payload) {
-            Ok(e) => Payload::Entry(Box::new(e)),
+        RecordType::Entry => match WalPayload::decode(payload) {
+            Ok(WalPayload::Settle(e)) => Payload::Entry(Box::new(e)),
+            Ok(WalPayload::Control(c)) => Payload::Control(Box::new(c)),
             Err(reason) => Payload::Undecodable {
                 note: format!("not a settlement entry ({reason})"),
             },
@@ -101,6 +105,7 @@ pub(super) fn detail_text(payload: &Payload, bytes: &[u8]) -> String {
             event_text(&e.event),
             post_images_text(&e.post_images)
         ),
+        Payload::Control(c) => control_text(c),
         Payload::Commit(c) => format!("commits entries {}..={}", c.first_lsn, c.last_lsn),
         Payload::Checkpoint(c) => format!(
             "committed watermark {}, first retained LSN {}",
@@ -110,6 +115,27 @@ pub(super) fn detail_text(payload: &Payload, bytes: &[u8]) -> String {
             format!("{note}; payload as hex: {}", hex(bytes, TEXT_HEX_BYTES))
         }
     }
+}
+
+/// One line for a control entry.
+pub(super) fn control_text(c: &ControlEntry) -> String {
+    let hw = &c.high_water;
+    let mut text = format!(
+        "control: sequences {}..={} accounted for, max trade_id {}",
+        hw.first_sequence, hw.high_sequence, hw.max_trade_id
+    );
+    for r in &c.rejections {
+        text.push_str(&format!("; rejected {} ({})", r.output_sequence, r.reason));
+    }
+    for h in &c.holes {
+        text.push_str(&format!(
+            "; hole {}..={} {}",
+            h.first_sequence,
+            h.last_sequence,
+            if h.open { "open" } else { "closed" }
+        ));
+    }
+    text
 }
 
 /// An event as JSON: `{"type": "trade"|"deposit"|"withdraw", ...}`.
@@ -157,6 +183,7 @@ pub(super) fn detail_json(payload: &Payload, bytes: &[u8]) -> (&'static str, Val
                 "post_images": post_images_json(&e.post_images),
             }),
         ),
+        Payload::Control(c) => ("control", json!(c)),
         Payload::Commit(c) => (
             "commit",
             json!({"first_lsn": c.first_lsn, "last_lsn": c.last_lsn}),

@@ -67,6 +67,19 @@ fn writes_text(w: &EntryWrites) -> String {
     match &w.event {
         Some(EventRow::Trade(t)) => parts.push(format!("trade {} row", t.trade_id)),
         Some(EventRow::Movement(m)) => parts.push(format!("movement {} row", m.output_sequence)),
+        Some(EventRow::Rejection(r)) => {
+            parts.push(format!("rejection {} row", r.output_sequence))
+        }
+        Some(EventRow::Hole(h)) => parts.push(format!(
+            "hole {}..={} row ({})",
+            h.first_sequence,
+            h.last_sequence,
+            if h.open { "open" } else { "closed" }
+        )),
+        Some(EventRow::HighWater(hw)) => parts.push(format!(
+            "high-water row (LSN {}, sequences {}..={}, max trade_id {})",
+            hw.lsn, hw.first_sequence, hw.high_sequence, hw.max_trade_id
+        )),
         None => {}
     }
     for b in &w.balances {
@@ -82,14 +95,14 @@ fn class_name(class: impl serde::Serialize) -> String {
         .unwrap_or_default()
 }
 
-fn rows_json(plan: &EntryPlan) -> Value {
+fn rows_json(plan: &EntryPlan, control: bool) -> Value {
     Value::Array(
         plan.rows
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 // Row 0 is the event row (trade or movement), whose only state is its LSN.
-                let (found, expected) = if i == 0 {
+                let (found, expected) = if i == 0 || control {
                     (
                         r.found.map(|(_, lsn)| json!({"lsn": lsn})),
                         json!({"lsn": plan.lsn}),
@@ -116,12 +129,12 @@ pub(super) fn plan(ctx: &mut Ctx<'_>, dir: &Path, store: &StoreUrl) -> Result<u8
     let (scan, entries, missing) = collect_pending(&wal)?;
     let inspection = &scan.inspection;
     let mut decodable: Vec<PendingEntry> = Vec::with_capacity(entries.len());
-    let mut decoded: Vec<SettlementEntry> = Vec::with_capacity(entries.len());
+    let mut decoded: Vec<Payload> = Vec::with_capacity(entries.len());
     let mut undecodable: Vec<(Lsn, String, String)> = Vec::new();
     for e in entries {
         match describe::decode(RecordType::Entry, &e.payload) {
-            Payload::Entry(s) => {
-                decoded.push(*s);
+            p @ (Payload::Entry(_) | Payload::Control(_)) => {
+                decoded.push(p);
                 decodable.push(e);
             }
             other => {
@@ -167,7 +180,11 @@ pub(super) fn plan(ctx: &mut Ctx<'_>, dir: &Path, store: &StoreUrl) -> Result<u8
                 .count()
         })
         .sum();
-    let resend_rows: usize = plans.iter().map(|p| p.resend.row_count()).sum();
+    let resend_rows: usize = plans
+        .iter()
+        .flat_map(|p| &p.resend)
+        .map(EntryWrites::row_count)
+        .sum();
     let verdict = if is_corrupt(inspection) {
         "refuse to start: the WAL is corrupt (see `wal-inspect verify`)".to_string()
     } else if !undecodable.is_empty() {
@@ -206,12 +223,16 @@ pub(super) fn plan(ctx: &mut Ctx<'_>, dir: &Path, store: &StoreUrl) -> Result<u8
             .iter()
             .zip(&decoded)
             .map(|(p, e)| {
+                let event = match e {
+                    Payload::Entry(e) => describe::event_json(&e.event),
+                    other => describe::detail_json(other, &[]).1,
+                };
                 json!({
                     "lsn": p.lsn,
                     "output_sequence": p.output_sequence,
                     "class": class_name(p.class),
-                    "event": describe::event_json(&e.event),
-                    "rows": rows_json(p),
+                    "event": event,
+                    "rows": rows_json(p, matches!(e, Payload::Control(_))),
                     "resend": p.resend,
                 })
             })
@@ -262,24 +283,29 @@ pub(super) fn plan(ctx: &mut Ctx<'_>, dir: &Path, store: &StoreUrl) -> Result<u8
             )?;
         }
         for (p, e) in plans.iter().zip(&decoded) {
+            let control = matches!(e, Payload::Control(_));
             writeln!(
                 out,
                 "{:>12}  {:>12}  {:<10} {}",
                 p.lsn,
                 p.output_sequence,
                 class_name(p.class),
-                describe::event_text(&e.event)
+                match e {
+                    Payload::Entry(e) => describe::event_text(&e.event),
+                    other => describe::detail_text(other, &[]),
+                }
             )?;
             if p.class == EntryClass::Applied {
                 continue;
             }
             for (i, r) in p.rows.iter().enumerate() {
-                let found = match (i, r.found) {
+                let lsn_only = i == 0 || control;
+                let found = match (lsn_only, r.found) {
                     (_, None) => "absent".to_string(),
-                    (0, Some((_, lsn))) => format!("found at LSN {lsn}"),
-                    (_, Some((amount, lsn))) => format!("found {amount} (last_lsn {lsn})"),
+                    (true, Some((_, lsn))) => format!("found at LSN {lsn}"),
+                    (false, Some((amount, lsn))) => format!("found {amount} (last_lsn {lsn})"),
                 };
-                let expected = if i == 0 {
+                let expected = if lsn_only {
                     format!("expected LSN {}", p.lsn)
                 } else {
                     format!("expected {} (last_lsn {})", r.expected, p.lsn)
@@ -310,8 +336,10 @@ pub(super) fn plan(ctx: &mut Ctx<'_>, dir: &Path, store: &StoreUrl) -> Result<u8
         }
         if resend_rows > 0 {
             writeln!(out, "writes recovery would send ({resend_rows} rows):")?;
-            for p in plans.iter().filter(|p| p.resend.row_count() > 0) {
-                writeln!(out, "  LSN {}: {}", p.lsn, writes_text(&p.resend))?;
+            for p in plans.iter() {
+                for w in p.resend.iter().filter(|w| w.row_count() > 0) {
+                    writeln!(out, "  LSN {}: {}", p.lsn, writes_text(w))?;
+                }
             }
         }
         if !missing.is_empty() {

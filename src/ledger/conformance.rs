@@ -301,6 +301,7 @@ pub async fn bulk_event_lookups(ledger: &dyn Ledger, base: u64) {
         keys.push(match key {
             EventKey::Trade(id) => EventKey::Movement(id),
             EventKey::Movement(seq) => EventKey::Trade(seq),
+            other => panic!("the suite writes trades and movements, not {other}"),
         });
         want.push(None);
     }
@@ -310,6 +311,7 @@ pub async fn bulk_event_lookups(ledger: &dyn Ledger, base: u64) {
         let one = match *key {
             EventKey::Trade(id) => ledger.trade_lsn(id).await.unwrap(),
             EventKey::Movement(seq) => ledger.movement_lsn(seq).await.unwrap(),
+            other => panic!("the suite writes trades and movements, not {other}"),
         };
         assert_eq!(one, *want, "{key}: bulk and single lookups agree");
     }

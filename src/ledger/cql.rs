@@ -2,10 +2,12 @@
 //!
 //! How it keeps the promises of `ARCHITECTURE.md`:
 //!
-//! - **P4 (monotonic state)**: every data statement is `INSERT ... USING TIMESTAMP ?` and binds the
-//!   LSN of the entry that wrote it as the write timestamp (microseconds). Cassandra/Scylla keep
-//!   the cell with the highest timestamp, so a replayed or late write of entry `n` never
-//!   overwrites what entry `m > n` wrote, whatever order the writes land in. The timestamp is
+//! - **P4 (monotonic state)**: every data statement is `INSERT ... USING TIMESTAMP ?` and binds
+//!   [`write_timestamp`]`(epoch, lsn)` (microseconds): the writer's epoch in the high bits, the
+//!   LSN of the entry that wrote it below. Cassandra/Scylla keep the cell with the highest
+//!   timestamp, so a replayed or late write of entry `n` never overwrites what entry `m > n`
+//!   wrote, whatever order the writes land in, and a fenced writer's late writes (an older
+//!   epoch) never overwrite the new writer's (P8). The timestamp is
 //!   bound per statement because a CQL batch carries at most one batch-level timestamp (the
 //!   driver's `Batch::set_timestamp`), and the per-statement `set_timestamp` of a prepared
 //!   statement is *not* sent when that statement is inside a batch.
@@ -24,13 +26,19 @@
 //! movements(output_sequence bigint PRIMARY KEY, kind text, user_id, asset, amount, lsn)
 //! balances(user_id bigint, asset text, amount bigint, last_lsn bigint,
 //!          PRIMARY KEY ((user_id), asset))
-//! schema_version(component text PRIMARY KEY, version int)     -- one row: ('ledger', 1)
+//! rejections(output_sequence bigint PRIMARY KEY, reason text, lsn bigint)
+//! holes(first_sequence bigint PRIMARY KEY, last_sequence bigint, open boolean, lsn bigint)
+//! high_water(k text PRIMARY KEY, lsn, first_sequence, high_sequence, max_trade_id)
+//!                                                              -- one row: 'ledger'
+//! identity(k text PRIMARY KEY, store_id, wal_id, wal_lsn_base, epoch)
+//!                                       -- one row: 'ledger', written only by lightweight transactions
+//! schema_version(component text PRIMARY KEY, version int)     -- one row: ('ledger', 2)
 //! ```
 //!
-//! Caveat of LSN timestamps: they are tiny next to wall-clock microseconds, so a write to these
-//! tables *without* an explicit timestamp (a manual `cqlsh` fix, a `DELETE`) gets "now" and wins
-//! over every later settlement write of that row. Never write these tables by hand; drop and
-//! rebuild the keyspace instead.
+//! Caveat of these timestamps: they stay below wall-clock microseconds (see [`MAX_EPOCH`]), so
+//! a write to these tables *without* an explicit timestamp (a manual `cqlsh` fix, a `DELETE`)
+//! gets "now" and wins over every later settlement write of that row. Never write these tables
+//! by hand; drop and rebuild the keyspace instead.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,18 +65,22 @@ use scylla::serialize::writers::{CellWriter, RowWriter, WrittenCellProof};
 use scylla::serialize::SerializationError;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
-use scylla::statement::{Consistency as CqlConsistency, Statement};
+use scylla::statement::{Consistency as CqlConsistency, SerialConsistency, Statement};
+use scylla::value::{CqlValue, Row as UntypedRow};
 use tokio::task::JoinSet;
 
 use super::{
-    validate_entries, validate_lookup, Asset, BalanceKey, BalanceRow, BalanceWrite, Consistency,
-    CqlConfig, EntryWrites, EventKey, EventRow, Ledger, LedgerError, MovementKind, MovementRow,
-    Result, ShortStr, Symbol, TradeRow,
+    validate_entries, validate_lookup, write_timestamp, Asset, BalanceKey, BalanceRow,
+    BalanceWrite, Claim, Consistency, CqlConfig, EntryWrites, EventKey, EventRow, HighWaterRow,
+    HoleRow, Ledger, LedgerError, MovementKind, MovementRow, RejectionRow, Result, ShortStr,
+    StoreIdentity, Symbol, TradeRow, MAX_EPOCH, MAX_LOOKUP_KEYS, MAX_OPEN_HOLES,
 };
 use crate::wal::Lsn;
 
-/// The schema version this code creates and understands.
-pub const SCHEMA_VERSION: i32 = 1;
+/// The schema version this code creates and understands. Version 2 added the rejections, holes,
+/// high_water and identity tables (created when missing, so a version 1 keyspace is upgraded by
+/// the first writer that connects).
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Rows per page of the full-table scans.
 const SCAN_PAGE_SIZE: i32 = 1000;
@@ -98,6 +110,20 @@ struct Inner {
     scan_trades: PreparedStatement,
     scan_movements: PreparedStatement,
     scan_balances: PreparedStatement,
+    insert_rejection: PreparedStatement,
+    insert_hole: PreparedStatement,
+    insert_high_water: PreparedStatement,
+    select_rejection_lsn: PreparedStatement,
+    select_hole_lsn: PreparedStatement,
+    select_high_water: PreparedStatement,
+    select_trade_sequences: PreparedStatement,
+    select_identity: PreparedStatement,
+    claim_new: PreparedStatement,
+    claim_next: PreparedStatement,
+    scan_rejections: PreparedStatement,
+    scan_holes: PreparedStatement,
+    /// The epoch of this writer, in every write timestamp ([`write_timestamp`]).
+    epoch: AtomicU64,
     /// Batches the store answered with a batch-size warning.
     size_warnings: AtomicU64,
     /// Largest batch size (bytes) read from such a warning; 0 when none had a readable size.
@@ -220,6 +246,74 @@ impl CqlLedger {
                     "SELECT user_id, asset, amount, last_lsn FROM {ks}.balances"
                 ))
                 .await?,
+            insert_rejection: ddl
+                .prepare(&format!(
+                    "INSERT INTO {ks}.rejections (output_sequence, reason, lsn) \
+                     VALUES (?, ?, ?) USING TIMESTAMP ?"
+                ))
+                .await?,
+            insert_hole: ddl
+                .prepare(&format!(
+                    "INSERT INTO {ks}.holes (first_sequence, last_sequence, open, lsn) \
+                     VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+                ))
+                .await?,
+            insert_high_water: ddl
+                .prepare(&format!(
+                    "INSERT INTO {ks}.high_water (k, lsn, first_sequence, high_sequence, \
+                     max_trade_id) VALUES ('ledger', ?, ?, ?, ?) USING TIMESTAMP ?"
+                ))
+                .await?,
+            select_rejection_lsn: ddl
+                .prepare(&format!(
+                    "SELECT lsn FROM {ks}.rejections WHERE output_sequence = ?"
+                ))
+                .await?,
+            select_hole_lsn: ddl
+                .prepare(&format!(
+                    "SELECT lsn FROM {ks}.holes WHERE first_sequence = ?"
+                ))
+                .await?,
+            select_high_water: ddl
+                .prepare(&format!(
+                    "SELECT lsn, first_sequence, high_sequence, max_trade_id \
+                     FROM {ks}.high_water WHERE k = 'ledger'"
+                ))
+                .await?,
+            select_trade_sequences: ddl
+                .prepare(&format!(
+                    "SELECT trade_id, output_sequence FROM {ks}.trades WHERE trade_id IN ?"
+                ))
+                .await?,
+            select_identity: ddl
+                .prepare_serial(&format!(
+                    "SELECT store_id, wal_id, wal_lsn_base, epoch FROM {ks}.identity \
+                     WHERE k = 'ledger'"
+                ))
+                .await?,
+            claim_new: ddl
+                .prepare_lwt(&format!(
+                    "INSERT INTO {ks}.identity (k, store_id, wal_id, wal_lsn_base, epoch) \
+                     VALUES ('ledger', ?, ?, ?, ?) IF NOT EXISTS"
+                ))
+                .await?,
+            claim_next: ddl
+                .prepare_lwt(&format!(
+                    "UPDATE {ks}.identity SET store_id = ?, wal_id = ?, wal_lsn_base = ?, \
+                     epoch = ? WHERE k = 'ledger' IF epoch = ?"
+                ))
+                .await?,
+            scan_rejections: ddl
+                .prepare_scan(&format!(
+                    "SELECT output_sequence, reason, lsn FROM {ks}.rejections"
+                ))
+                .await?,
+            scan_holes: ddl
+                .prepare_scan(&format!(
+                    "SELECT first_sequence, last_sequence, open, lsn FROM {ks}.holes"
+                ))
+                .await?,
+            epoch: AtomicU64::new(0),
             session,
             config,
             size_warnings: AtomicU64::new(0),
@@ -552,7 +646,13 @@ impl Ddl<'_> {
     async fn check_schema(&self) -> Result<()> {
         let ks = &self.config.keyspace;
         match self.read_version().await {
-            Ok(Some(v)) if v <= SCHEMA_VERSION => Ok(()),
+            Ok(Some(v)) if v == SCHEMA_VERSION => Ok(()),
+            Ok(Some(v)) if v < SCHEMA_VERSION => Err(LedgerError::Rejected(format!(
+                "keyspace {ks} at {} has schema version {v}, older than this build's \
+                 {SCHEMA_VERSION}; a read-only tool does not upgrade it: run `settlement run \
+                 --recover-only` with this store once (it adds the new tables)",
+                target(self.config)
+            ))),
             Ok(Some(v)) => Err(LedgerError::Rejected(format!(
                 "keyspace {ks} at {} has schema version {v}; this build reads version {SCHEMA_VERSION}",
                 target(self.config)
@@ -603,6 +703,26 @@ impl Ddl<'_> {
              amount bigint, last_lsn bigint, PRIMARY KEY ((user_id), asset))"
         ))
         .await?;
+        self.run(&format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.rejections (output_sequence bigint PRIMARY KEY, \
+             reason text, lsn bigint)"
+        ))
+        .await?;
+        self.run(&format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.holes (first_sequence bigint PRIMARY KEY, \
+             last_sequence bigint, open boolean, lsn bigint)"
+        ))
+        .await?;
+        self.run(&format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.high_water (k text PRIMARY KEY, lsn bigint, \
+             first_sequence bigint, high_sequence bigint, max_trade_id bigint)"
+        ))
+        .await?;
+        self.run(&format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.identity (k text PRIMARY KEY, store_id bigint, \
+             wal_id bigint, wal_lsn_base bigint, epoch bigint)"
+        ))
+        .await?;
         if stored.is_none_or(|v| v < SCHEMA_VERSION) {
             // The write timestamp is the version: concurrent connects of different versions
             // converge on the highest one (last write wins), never on an older one.
@@ -637,6 +757,24 @@ impl Ddl<'_> {
         Ok(prepared)
     }
 
+    /// A read of the identity row at SERIAL consistency: it sees every lightweight transaction
+    /// that completed, so a fence check never reads an epoch older than one already claimed.
+    async fn prepare_serial(&self, cql: &str) -> Result<PreparedStatement> {
+        let mut prepared = self.prepare(cql).await?;
+        prepared.set_consistency(CqlConsistency::Serial);
+        Ok(prepared)
+    }
+
+    /// A lightweight transaction (Paxos at SERIAL, its commit at the configured consistency).
+    /// Not idempotent: a timed-out claim is not retried blindly; the caller reads the identity
+    /// and decides.
+    async fn prepare_lwt(&self, cql: &str) -> Result<PreparedStatement> {
+        let mut prepared = self.prepare(cql).await?;
+        prepared.set_is_idempotent(false);
+        prepared.set_serial_consistency(Some(SerialConsistency::Serial));
+        Ok(prepared)
+    }
+
     async fn prepare_scan(&self, cql: &str) -> Result<PreparedStatement> {
         let mut prepared = self.prepare(cql).await?;
         prepared.set_page_size(SCAN_PAGE_SIZE);
@@ -668,6 +806,9 @@ enum RowValues {
     Trade((i64, i64, Symbol, i64, i64, i64, i64, i64, i64, i64)),
     Movement((i64, &'static str, i64, Asset, i64, i64, i64)),
     Balance((i64, Asset, i64, i64, i64)),
+    Rejection((i64, String, i64, i64)),
+    Hole((i64, i64, bool, i64, i64)),
+    HighWater((i64, i64, i64, i64, i64)),
 }
 
 /// Binds a short name as the `text` value it holds (no `String` per bound value).
@@ -696,6 +837,9 @@ impl SerializeRow for RowValues {
             RowValues::Trade(v) => SerializeRow::serialize(v, ctx, writer),
             RowValues::Movement(v) => SerializeRow::serialize(v, ctx, writer),
             RowValues::Balance(v) => SerializeRow::serialize(v, ctx, writer),
+            RowValues::Rejection(v) => SerializeRow::serialize(v, ctx, writer),
+            RowValues::Hole(v) => SerializeRow::serialize(v, ctx, writer),
+            RowValues::HighWater(v) => SerializeRow::serialize(v, ctx, writer),
         }
     }
 
@@ -704,7 +848,19 @@ impl SerializeRow for RowValues {
     }
 }
 
-fn trade_values(t: &TradeRow) -> Result<RowValues> {
+/// The write timestamp of a write of entry `lsn` under `epoch`, or an error when the LSN is
+/// beyond what a timestamp can carry.
+fn timestamp(epoch: u64, lsn: Lsn) -> Result<i64> {
+    if lsn > super::MAX_TIMESTAMP_LSN || epoch > MAX_EPOCH {
+        return Err(LedgerError::Invalid(format!(
+            "LSN {lsn} at epoch {epoch} does not fit a write timestamp (LSNs below 2^40, epochs up to {MAX_EPOCH}); move to a new keyspace"
+        )));
+    }
+    Ok(write_timestamp(epoch, lsn))
+}
+
+fn trade_values(t: &TradeRow, epoch: u64) -> Result<RowValues> {
+    let ts = timestamp(epoch, t.lsn)?;
     let lsn = to_i64("trade lsn", t.lsn)?;
     Ok(RowValues::Trade((
         to_i64("trade_id", t.trade_id)?,
@@ -716,11 +872,12 @@ fn trade_values(t: &TradeRow) -> Result<RowValues> {
         t.quantity,
         t.timestamp_ns,
         lsn,
-        lsn,
+        ts,
     )))
 }
 
-fn movement_values(m: &MovementRow) -> Result<RowValues> {
+fn movement_values(m: &MovementRow, epoch: u64) -> Result<RowValues> {
+    let ts = timestamp(epoch, m.lsn)?;
     let lsn = to_i64("movement lsn", m.lsn)?;
     Ok(RowValues::Movement((
         to_i64("output_sequence", m.output_sequence)?,
@@ -729,32 +886,61 @@ fn movement_values(m: &MovementRow) -> Result<RowValues> {
         m.asset,
         m.amount,
         lsn,
-        lsn,
+        ts,
     )))
 }
 
-fn balance_values(b: &BalanceWrite) -> Result<RowValues> {
+fn balance_values(b: &BalanceWrite, epoch: u64) -> Result<RowValues> {
+    let ts = timestamp(epoch, b.lsn)?;
     let lsn = to_i64("balance lsn", b.lsn)?;
     Ok(RowValues::Balance((
         to_i64("user_id", b.key.user_id)?,
         b.key.asset,
         b.amount,
         lsn,
-        lsn,
+        ts,
     )))
 }
 
-/// Every row write of `entries`, in order: each entry's event row, then its balances.
-fn row_values(entries: &[EntryWrites]) -> Result<Vec<RowValues>> {
+fn event_values(row: &EventRow, epoch: u64) -> Result<RowValues> {
+    let ts = timestamp(epoch, row.lsn())?;
+    let lsn = to_i64("lsn", row.lsn())?;
+    Ok(match row {
+        EventRow::Trade(t) => trade_values(t, epoch)?,
+        EventRow::Movement(m) => movement_values(m, epoch)?,
+        EventRow::Rejection(r) => RowValues::Rejection((
+            to_i64("output_sequence", r.output_sequence)?,
+            r.reason.clone(),
+            lsn,
+            ts,
+        )),
+        EventRow::Hole(h) => RowValues::Hole((
+            to_i64("first_sequence", h.first_sequence)?,
+            to_i64("last_sequence", h.last_sequence)?,
+            h.open,
+            lsn,
+            ts,
+        )),
+        EventRow::HighWater(hw) => RowValues::HighWater((
+            lsn,
+            to_i64("first_sequence", hw.first_sequence)?,
+            to_i64("high_sequence", hw.high_sequence)?,
+            to_i64("max_trade_id", hw.max_trade_id)?,
+            ts,
+        )),
+    })
+}
+
+/// Every row write of `entries`, in order: each entry's event row, then its balances, with
+/// timestamps of `epoch`.
+fn row_values(entries: &[EntryWrites], epoch: u64) -> Result<Vec<RowValues>> {
     let mut rows = Vec::with_capacity(entries.iter().map(EntryWrites::row_count).sum());
     for e in entries {
-        match &e.event {
-            Some(EventRow::Trade(t)) => rows.push(trade_values(t)?),
-            Some(EventRow::Movement(m)) => rows.push(movement_values(m)?),
-            None => {}
+        if let Some(event) = &e.event {
+            rows.push(event_values(event, epoch)?);
         }
         for b in &e.balances {
-            rows.push(balance_values(b)?);
+            rows.push(balance_values(b, epoch)?);
         }
     }
     Ok(rows)
@@ -784,6 +970,12 @@ impl RowValues {
             RowValues::Movement(v) => cells(5) + v.1.len() + 3 * BIGINT_BYTES + v.3.len(),
             // Key user_id, clustering asset (counted); 2 cells: amount, last_lsn.
             RowValues::Balance(v) => cells(2) + v.1.len() + 2 * BIGINT_BYTES,
+            // Key output_sequence; 2 cells: reason, lsn.
+            RowValues::Rejection(v) => cells(2) + v.1.len() + BIGINT_BYTES,
+            // Key first_sequence; 3 cells: last_sequence, open, lsn.
+            RowValues::Hole(_) => cells(3) + 2 * BIGINT_BYTES + 1,
+            // Key 'ledger'; 4 bigint cells.
+            RowValues::HighWater(_) => cells(4) + 4 * BIGINT_BYTES + 6,
         }
     }
 }
@@ -810,7 +1002,7 @@ fn sort_by_token(ids: &mut Vec<i64>) {
 /// values plus per-cell and per-row overhead; not the bytes on the wire). An overestimate by a
 /// few bytes per statement; `tests/ledger_cql.rs` checks it against the sizes the node reports.
 pub fn estimated_statement_bytes(entries: &[EntryWrites]) -> Result<Vec<usize>> {
-    Ok(row_values(entries)?
+    Ok(row_values(entries, 0)?
         .iter()
         .map(RowValues::estimated_bytes)
         .collect())
@@ -819,7 +1011,7 @@ pub fn estimated_statement_bytes(entries: &[EntryWrites]) -> Result<Vec<usize>> 
 /// How [`Ledger::apply`] splits `entries` into UNLOGGED batches under `config`'s limits
 /// (`batch_statements`, `batch_bytes`), without sending anything.
 pub fn plan_batches(entries: &[EntryWrites], config: &CqlConfig) -> Result<Vec<BatchShape>> {
-    let rows = row_values(entries)?;
+    let rows = row_values(entries, 0)?;
     Ok(split_batches(
         rows,
         config.max_statements_per_batch,
@@ -903,6 +1095,9 @@ impl Inner {
             RowValues::Trade(_) => &self.insert_trade,
             RowValues::Movement(_) => &self.insert_movement,
             RowValues::Balance(_) => &self.insert_balance,
+            RowValues::Rejection(_) => &self.insert_rejection,
+            RowValues::Hole(_) => &self.insert_hole,
+            RowValues::HighWater(_) => &self.insert_high_water,
         }
     }
 
@@ -986,7 +1181,72 @@ impl Inner {
                 self.read_lsn("output_sequence", &self.select_movement_lsn, seq)
                     .await
             }
+            EventKey::Rejection(seq) => {
+                self.read_lsn("rejection", &self.select_rejection_lsn, seq)
+                    .await
+            }
+            EventKey::Hole(seq) => self.read_lsn("hole", &self.select_hole_lsn, seq).await,
+            EventKey::HighWater => Ok(self.high_water().await?.map(|h| h.lsn)),
         }
+    }
+
+    async fn high_water(&self) -> Result<Option<HighWaterRow>> {
+        let result = self
+            .read("read high-water", &self.select_high_water, ())
+            .await?;
+        let row = result
+            .into_rows_result()
+            .map_err(other)?
+            .maybe_first_row::<(i64, i64, i64, i64)>()
+            .map_err(other)?;
+        row.map(|(lsn, first, high, max_trade_id)| {
+            Ok(HighWaterRow {
+                lsn: to_u64("high-water lsn", lsn)?,
+                first_sequence: to_u64("first_sequence", first)?,
+                high_sequence: to_u64("high_sequence", high)?,
+                max_trade_id: to_u64("max_trade_id", max_trade_id)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn identity(&self) -> Result<Option<StoreIdentity>> {
+        let result = self
+            .read("read identity", &self.select_identity, ())
+            .await?;
+        let row = result
+            .into_rows_result()
+            .map_err(other)?
+            .maybe_first_row::<(i64, i64, i64, i64)>()
+            .map_err(other)?;
+        row.map(|(store_id, wal_id, base, epoch)| {
+            Ok(StoreIdentity {
+                store_id: store_id as u64,
+                wal_id: wal_id as u64,
+                wal_lsn_base: to_u64("wal_lsn_base", base)?,
+                epoch: to_u64("epoch", epoch)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// The trade rows' output sequences among `ids` (one `IN` query).
+    async fn read_trade_sequences(&self, ids: Vec<i64>) -> Result<Vec<(u64, u64)>> {
+        let result = self
+            .read("read trade sequences", &self.select_trade_sequences, (ids,))
+            .await?;
+        let rows = result.into_rows_result().map_err(other)?;
+        let mut out = Vec::with_capacity(rows.rows_num());
+        for row in rows.rows::<(i64, Option<i64>)>().map_err(other)? {
+            let (id, seq) = row.map_err(other)?;
+            let Some(seq) = seq else {
+                return Err(LedgerError::Other(format!(
+                    "trade {id}: row without output_sequence"
+                )));
+            };
+            out.push((to_u64("trade_id", id)?, to_u64("output_sequence", seq)?));
+        }
+        Ok(out)
     }
 
     /// The LSNs of the event rows of one table among `ids` (one `IN` query; rows that do not
@@ -1080,7 +1340,7 @@ impl Ledger for CqlLedger {
                 self.inner.config.display_url()
             )));
         }
-        let rows = row_values(entries)?;
+        let rows = row_values(entries, self.inner.epoch.load(Ordering::Acquire))?;
         if rows.is_empty() {
             return Ok(());
         }
@@ -1153,10 +1413,13 @@ impl Ledger for CqlLedger {
         }
         let mut trades = Vec::new();
         let mut movements = Vec::new();
+        let mut others = Vec::new();
         for key in keys {
             match *key {
                 EventKey::Trade(id) => trades.push(to_i64("trade_id", id)?),
                 EventKey::Movement(seq) => movements.push(to_i64("output_sequence", seq)?),
+                // Rejections, holes and the high-water row: few, one read each.
+                other => others.push(other),
             }
         }
         sort_by_token(&mut trades);
@@ -1168,7 +1431,7 @@ impl Ledger for CqlLedger {
         ] {
             queries.extend(ids.chunks(per_query).map(|c| (table, c.to_vec())));
         }
-        let found: HashMap<EventKey, Lsn> = stream::iter(queries)
+        let mut found: HashMap<EventKey, Lsn> = stream::iter(queries)
             .map(|(table, ids)| inner.read_lsns(table, ids))
             .buffer_unordered(inflight)
             .try_fold(
@@ -1179,6 +1442,16 @@ impl Ledger for CqlLedger {
                 },
             )
             .await?;
+        let other_lsns: Vec<Option<Lsn>> = stream::iter(others.iter().copied())
+            .map(|key| inner.event_lsn(key))
+            .buffered(inflight)
+            .try_collect()
+            .await?;
+        for (key, lsn) in others.into_iter().zip(other_lsns) {
+            if let Some(lsn) = lsn {
+                found.insert(key, lsn);
+            }
+        }
         Ok(keys.iter().map(|k| found.get(k).copied()).collect())
     }
 
@@ -1298,6 +1571,151 @@ impl Ledger for CqlLedger {
             .await
     }
 
+    async fn scan_rejections(&self) -> Result<Vec<RejectionRow>> {
+        self.inner
+            .scan(
+                "scan rejections",
+                &self.inner.scan_rejections,
+                |(seq, reason, lsn): (i64, Option<String>, i64)| {
+                    Ok(RejectionRow {
+                        output_sequence: to_u64("output_sequence", seq)?,
+                        reason: reason.unwrap_or_default(),
+                        lsn: to_u64("lsn", lsn)?,
+                    })
+                },
+            )
+            .await
+    }
+
+    async fn open_holes(&self) -> Result<Vec<HoleRow>> {
+        let all = self
+            .inner
+            .scan(
+                "scan holes",
+                &self.inner.scan_holes,
+                |(first, last, open, lsn): (i64, i64, bool, i64)| {
+                    Ok(HoleRow {
+                        first_sequence: to_u64("first_sequence", first)?,
+                        last_sequence: to_u64("last_sequence", last)?,
+                        open,
+                        lsn: to_u64("lsn", lsn)?,
+                    })
+                },
+            )
+            .await?;
+        let mut open: Vec<HoleRow> = all.into_iter().filter(|h| h.open).collect();
+        if open.len() > MAX_OPEN_HOLES {
+            return Err(LedgerError::Invalid(format!(
+                "{} holds {} open holes, more than {MAX_OPEN_HOLES}; list them with `settlement holes` and fill them from the engine's journal",
+                self.inner.config.display_url(),
+                open.len()
+            )));
+        }
+        open.sort_by_key(|h| h.first_sequence);
+        Ok(open)
+    }
+
+    async fn high_water(&self) -> Result<Option<HighWaterRow>> {
+        self.inner.high_water().await
+    }
+
+    async fn trade_sequences(&self, ids: &[u64]) -> Result<Vec<Option<u64>>> {
+        if ids.len() > MAX_LOOKUP_KEYS {
+            return Err(LedgerError::Invalid(format!(
+                "{} trade lookups in one call exceeds the limit of {MAX_LOOKUP_KEYS}",
+                ids.len()
+            )));
+        }
+        let inner = &*self.inner;
+        let mut keys: Vec<i64> = ids
+            .iter()
+            .map(|&id| to_i64("trade_id", id))
+            .collect::<Result<_>>()?;
+        sort_by_token(&mut keys);
+        let per_query = inner.config.max_keys_per_read.max(1);
+        let found: HashMap<u64, u64> = stream::iter(keys.chunks(per_query).map(<[i64]>::to_vec))
+            .map(|chunk| inner.read_trade_sequences(chunk))
+            .buffer_unordered(inner.config.max_inflight_reads.max(1))
+            .try_fold(HashMap::new(), |mut found, rows| async move {
+                found.extend(rows);
+                Ok(found)
+            })
+            .await?;
+        Ok(ids.iter().map(|id| found.get(id).copied()).collect())
+    }
+
+    async fn identity(&self) -> Result<Option<StoreIdentity>> {
+        self.inner.identity().await
+    }
+
+    /// A lightweight transaction: `INSERT ... IF NOT EXISTS` for the first identity, `UPDATE
+    /// ... IF epoch = ?` after it. A timeout is an unknown outcome: the identity is read back
+    /// (at SERIAL) and the claim counts as won only if the store now holds exactly `new`.
+    async fn claim(&self, expected_epoch: Option<u64>, new: StoreIdentity) -> Result<Claim> {
+        if self.inner.config.read_only {
+            return Err(LedgerError::Rejected(format!(
+                "{} was opened read-only; nothing is written",
+                self.inner.config.display_url()
+            )));
+        }
+        let inner = &*self.inner;
+        let store_id = new.store_id as i64;
+        let wal_id = new.wal_id as i64;
+        let base = to_i64("wal_lsn_base", new.wal_lsn_base)?;
+        let epoch = to_i64("epoch", new.epoch)?;
+        let outcome = match expected_epoch {
+            None => {
+                inner
+                    .session
+                    .execute_unpaged(&inner.claim_new, (store_id, wal_id, base, epoch))
+                    .await
+            }
+            Some(expected) => {
+                let expected = to_i64("epoch", expected)?;
+                inner
+                    .session
+                    .execute_unpaged(
+                        &inner.claim_next,
+                        (store_id, wal_id, base, epoch, expected),
+                    )
+                    .await
+            }
+        };
+        let applied = match outcome {
+            Ok(result) => {
+                let rows = result.into_rows_result().map_err(other)?;
+                let first = rows
+                    .maybe_first_row::<UntypedRow>()
+                    .map_err(other)?
+                    .and_then(|r| r.columns.into_iter().next().flatten());
+                match first {
+                    Some(CqlValue::Boolean(applied)) => Some(applied),
+                    other => {
+                        return Err(LedgerError::Other(format!(
+                            "the identity claim's answer has no [applied] column (got {other:?})"
+                        )))
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "identity claim: outcome unknown, reading the identity back");
+                None
+            }
+        };
+        let current = inner.identity().await?;
+        match applied {
+            Some(true) => Ok(Claim::Won),
+            Some(false) => Ok(Claim::Lost(current)),
+            None if current == Some(new) => Ok(Claim::Won),
+            None => Ok(Claim::Lost(current)),
+        }
+    }
+
+    fn set_write_epoch(&self, epoch: u64) {
+        assert!(epoch <= MAX_EPOCH, "epoch {epoch} above {MAX_EPOCH}");
+        self.inner.epoch.store(epoch, Ordering::Release);
+    }
+
     fn describe(&self) -> String {
         self.inner.config.display_url()
     }
@@ -1310,14 +1728,14 @@ mod tests {
     #[test]
     fn u64_values_that_do_not_fit_are_invalid_not_a_panic() {
         let mut e = crate::ledger::conformance::deposit_entry(1, 2, 3, "BTC", 5, 5);
-        assert!(row_values(std::slice::from_ref(&e)).is_ok());
+        assert!(row_values(std::slice::from_ref(&e), 0).is_ok());
         e.balances[0].key.user_id = u64::MAX;
-        let err = row_values(&[e.clone()]).unwrap_err();
+        let err = row_values(&[e.clone()], 0).unwrap_err();
         assert!(matches!(err, LedgerError::Invalid(_)), "{err}");
         e.balances[0].key.user_id = 3;
         e.balances[0].lsn = 1 << 63;
         assert!(matches!(
-            row_values(&[e]).unwrap_err(),
+            row_values(&[e], 0).unwrap_err(),
             LedgerError::Invalid(_)
         ));
     }
@@ -1325,7 +1743,7 @@ mod tests {
     #[test]
     fn every_statement_carries_its_lsn_as_timestamp() {
         let e = crate::ledger::conformance::trade_entry(42, 7, 1, 2, [1, -1, -1, 1]);
-        for row in row_values(&[e]).unwrap() {
+        for row in row_values(&[e], 0).unwrap() {
             match row {
                 RowValues::Trade(v) => assert_eq!((v.8, v.9), (42, 42)),
                 RowValues::Balance(v) => assert_eq!((v.3, v.4), (42, 42)),
@@ -1349,7 +1767,7 @@ mod tests {
             .collect();
         let writes = crate::ledger::coalesce(entries);
         assert!(writes[..1000].iter().all(|w| w.balances.is_empty()));
-        row_values(&writes).unwrap()
+        row_values(&writes, 0).unwrap()
     }
 
     fn kinds(rows: &[RowValues]) -> Vec<u8> {

@@ -13,14 +13,18 @@ use redb::{
 };
 
 use super::{
-    validate_entries, validate_lookup, BalanceKey, BalanceRow, EntryWrites, EventKey, EventRow,
-    Ledger, LedgerError, MovementRow, Result, TradeRow,
+    validate_entries, validate_lookup, BalanceKey, BalanceRow, Claim, EntryWrites, EventKey,
+    EventRow, HighWaterRow, HoleRow, Ledger, LedgerError, MovementRow, RejectionRow, Result,
+    StoreIdentity, TradeRow, MAX_OPEN_HOLES,
 };
 use crate::wal::format::{decode_payload, encode_payload};
 use crate::wal::Lsn;
 
-/// The schema version this build writes; a newer one in the file is refused.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The schema version this build writes; a newer one in the file is refused. Version 2 added
+/// the rejections and holes tables and the identity and high-water keys of `meta`; a version 1
+/// file is upgraded in place when opened for writing (read-only, its missing tables read as
+/// empty).
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// (user_id, asset) -> (amount, last_lsn)
 const BALANCES: TableDefinition<(u64, &str), (i64, u64)> = TableDefinition::new("balances");
@@ -28,8 +32,21 @@ const BALANCES: TableDefinition<(u64, &str), (i64, u64)> = TableDefinition::new(
 const TRADES: TableDefinition<u64, (u64, &[u8])> = TableDefinition::new("trades");
 /// output_sequence -> (lsn, encoded MovementRow)
 const MOVEMENTS: TableDefinition<u64, (u64, &[u8])> = TableDefinition::new("movements");
-/// "schema_version" -> version
+/// "schema_version" -> version; the identity ("store_id", "wal_id", "wal_lsn_base", "epoch")
+/// and the high-water ("hw_lsn", "hw_first_sequence", "hw_high_sequence", "hw_max_trade_id").
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// output_sequence -> (lsn, reason)
+const REJECTIONS: TableDefinition<u64, (u64, &str)> = TableDefinition::new("rejections");
+/// first_sequence -> (last_sequence, open, lsn)
+const HOLES: TableDefinition<u64, (u64, bool, u64)> = TableDefinition::new("holes");
+
+const IDENTITY_KEYS: [&str; 4] = ["store_id", "wal_id", "wal_lsn_base", "epoch"];
+const HIGH_WATER_KEYS: [&str; 4] = [
+    "hw_lsn",
+    "hw_first_sequence",
+    "hw_high_sequence",
+    "hw_max_trade_id",
+];
 
 /// The database, opened for writing or read-only.
 enum Db {
@@ -94,11 +111,7 @@ impl EmbeddedLedger {
                         path.display()
                     )))
                 }
-                Some(_) => {}
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION)
-                        .map_err(|e| store_err(path, "write schema version", e))?;
-                }
+                _ => {}
             }
             txn.open_table(BALANCES)
                 .map_err(|e| store_err(path, "open balances", e))?;
@@ -106,6 +119,14 @@ impl EmbeddedLedger {
                 .map_err(|e| store_err(path, "open trades", e))?;
             txn.open_table(MOVEMENTS)
                 .map_err(|e| store_err(path, "open movements", e))?;
+            txn.open_table(REJECTIONS)
+                .map_err(|e| store_err(path, "open rejections", e))?;
+            txn.open_table(HOLES)
+                .map_err(|e| store_err(path, "open holes", e))?;
+            if stored != Some(SCHEMA_VERSION) {
+                meta.insert("schema_version", SCHEMA_VERSION)
+                    .map_err(|e| store_err(path, "write schema version", e))?;
+            }
         }
         txn.commit()
             .map_err(|e| store_err(path, "commit schema", e))?;
@@ -181,6 +202,15 @@ fn apply_blocking(db: &Db, path: &Path, entries: &[EntryWrites]) -> Result<()> {
         let mut movements = txn
             .open_table(MOVEMENTS)
             .map_err(|e| store_err(path, "open", e))?;
+        let mut rejections = txn
+            .open_table(REJECTIONS)
+            .map_err(|e| store_err(path, "open", e))?;
+        let mut holes = txn
+            .open_table(HOLES)
+            .map_err(|e| store_err(path, "open", e))?;
+        let mut meta = txn
+            .open_table(META)
+            .map_err(|e| store_err(path, "open", e))?;
         for entry in entries {
             match &entry.event {
                 Some(EventRow::Trade(t)) => {
@@ -205,6 +235,41 @@ fn apply_blocking(db: &Db, path: &Path, entries: &[EntryWrites]) -> Result<()> {
                         movements
                             .insert(m.output_sequence, (m.lsn, bytes.as_slice()))
                             .map_err(|e| store_err(path, "write movement", e))?;
+                    }
+                }
+                Some(EventRow::Rejection(r)) => {
+                    let stored = rejections
+                        .get(r.output_sequence)
+                        .map_err(|e| store_err(path, "read rejection", e))?
+                        .map(|g| g.value().0);
+                    if stored.is_none_or(|lsn| lsn <= r.lsn) {
+                        rejections
+                            .insert(r.output_sequence, (r.lsn, r.reason.as_str()))
+                            .map_err(|e| store_err(path, "write rejection", e))?;
+                    }
+                }
+                Some(EventRow::Hole(h)) => {
+                    let stored = holes
+                        .get(h.first_sequence)
+                        .map_err(|e| store_err(path, "read hole", e))?
+                        .map(|g| g.value().2);
+                    if stored.is_none_or(|lsn| lsn <= h.lsn) {
+                        holes
+                            .insert(h.first_sequence, (h.last_sequence, h.open, h.lsn))
+                            .map_err(|e| store_err(path, "write hole", e))?;
+                    }
+                }
+                Some(EventRow::HighWater(hw)) => {
+                    let stored = meta
+                        .get(HIGH_WATER_KEYS[0])
+                        .map_err(|e| store_err(path, "read high-water", e))?
+                        .map(|g| g.value());
+                    if stored.is_none_or(|lsn| lsn <= hw.lsn) {
+                        let values = [hw.lsn, hw.first_sequence, hw.high_sequence, hw.max_trade_id];
+                        for (key, value) in HIGH_WATER_KEYS.iter().zip(values) {
+                            meta.insert(*key, value)
+                                .map_err(|e| store_err(path, "write high-water", e))?;
+                        }
                     }
                 }
                 None => {}
@@ -299,13 +364,28 @@ impl Ledger for EmbeddedLedger {
                 .map_err(|e| store_err(path, "open", e))?;
             keys.iter()
                 .map(|k| {
-                    let found = match *k {
-                        EventKey::Trade(id) => trades.get(id),
-                        EventKey::Movement(seq) => movements.get(seq),
-                    };
-                    Ok(found
-                        .map_err(|e| store_err(path, &format!("read {k}"), e))?
-                        .map(|g| g.value().0))
+                    let err = |e| store_err(path, &format!("read {k}"), e);
+                    Ok(match *k {
+                        EventKey::Trade(id) => trades.get(id).map_err(err)?.map(|g| g.value().0),
+                        EventKey::Movement(seq) => {
+                            movements.get(seq).map_err(err)?.map(|g| g.value().0)
+                        }
+                        EventKey::Rejection(seq) => {
+                            let t = open_optional(&txn, REJECTIONS, path)?;
+                            match t {
+                                Some(t) => t.get(seq).map_err(err)?.map(|g| g.value().0),
+                                None => None,
+                            }
+                        }
+                        EventKey::Hole(seq) => {
+                            let t = open_optional(&txn, HOLES, path)?;
+                            match t {
+                                Some(t) => t.get(seq).map_err(err)?.map(|g| g.value().2),
+                                None => None,
+                            }
+                        }
+                        EventKey::HighWater => read_high_water(&txn, path)?.map(|h| h.lsn),
+                    })
                 })
                 .collect()
         })
@@ -363,7 +443,211 @@ impl Ledger for EmbeddedLedger {
             .await
     }
 
+    async fn scan_rejections(&self) -> Result<Vec<RejectionRow>> {
+        self.blocking(|db, path| {
+            let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
+            let Some(t) = open_optional(&txn, REJECTIONS, path)? else {
+                return Ok(Vec::new());
+            };
+            let mut out = Vec::new();
+            for item in t.iter().map_err(|e| store_err(path, "scan rejections", e))? {
+                let (k, v) = item.map_err(|e| store_err(path, "scan rejections", e))?;
+                let (lsn, reason) = v.value();
+                out.push(RejectionRow {
+                    output_sequence: k.value(),
+                    reason: reason.to_string(),
+                    lsn,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn open_holes(&self) -> Result<Vec<HoleRow>> {
+        self.blocking(|db, path| {
+            let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
+            let Some(t) = open_optional(&txn, HOLES, path)? else {
+                return Ok(Vec::new());
+            };
+            let mut out = Vec::new();
+            for item in t.iter().map_err(|e| store_err(path, "scan holes", e))? {
+                let (k, v) = item.map_err(|e| store_err(path, "scan holes", e))?;
+                let (last_sequence, open, lsn) = v.value();
+                if !open {
+                    continue;
+                }
+                if out.len() == MAX_OPEN_HOLES {
+                    return Err(LedgerError::Invalid(format!(
+                        "{} holds more than {MAX_OPEN_HOLES} open holes; list them with `settlement holes` and fill them from the engine's journal",
+                        path.display()
+                    )));
+                }
+                out.push(HoleRow {
+                    first_sequence: k.value(),
+                    last_sequence,
+                    open,
+                    lsn,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn high_water(&self) -> Result<Option<HighWaterRow>> {
+        self.blocking(|db, path| {
+            let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
+            read_high_water(&txn, path)
+        })
+        .await
+    }
+
+    async fn trade_sequences(&self, ids: &[u64]) -> Result<Vec<Option<u64>>> {
+        validate_lookup_count(ids.len())?;
+        let ids = ids.to_vec();
+        self.blocking(move |db, path| {
+            let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
+            let trades = txn
+                .open_table(TRADES)
+                .map_err(|e| store_err(path, "open", e))?;
+            ids.iter()
+                .map(|&id| {
+                    let Some(g) = trades
+                        .get(id)
+                        .map_err(|e| store_err(path, "read trade", e))?
+                    else {
+                        return Ok(None);
+                    };
+                    let row: TradeRow = decode_payload(g.value().1)
+                        .map_err(|e| store_err(path, "decode trade", e))?;
+                    Ok(Some(row.output_sequence))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn identity(&self) -> Result<Option<StoreIdentity>> {
+        self.blocking(|db, path| {
+            let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
+            let meta = txn
+                .open_table(META)
+                .map_err(|e| store_err(path, "open meta", e))?;
+            read_identity(&meta, path)
+        })
+        .await
+    }
+
+    async fn claim(&self, expected_epoch: Option<u64>, new: StoreIdentity) -> Result<Claim> {
+        self.blocking(move |db, path| {
+            let Db::ReadWrite(db) = db else {
+                return Err(LedgerError::Rejected(format!(
+                    "{} was opened read-only; nothing is written",
+                    path.display()
+                )));
+            };
+            // One write transaction: redb serializes them, and its file lock already keeps a
+            // second process out, so the compare and the set are atomic.
+            let txn = db.begin_write().map_err(|e| store_err(path, "begin", e))?;
+            {
+                let mut meta = txn
+                    .open_table(META)
+                    .map_err(|e| store_err(path, "open meta", e))?;
+                let current = read_identity(&meta, path)?;
+                if current.map(|c| c.epoch) != expected_epoch {
+                    return Ok(Claim::Lost(current));
+                }
+                let values = [new.store_id, new.wal_id, new.wal_lsn_base, new.epoch];
+                for (key, value) in IDENTITY_KEYS.iter().zip(values) {
+                    meta.insert(*key, value)
+                        .map_err(|e| store_err(path, "write identity", e))?;
+                }
+            }
+            txn.commit()
+                .map_err(|e| store_err(path, "commit identity", e))?;
+            Ok(Claim::Won)
+        })
+        .await
+    }
+
     fn describe(&self) -> String {
         format!("embedded:{}", self.path.display())
     }
+}
+
+/// Checks the limit of one lookup call.
+fn validate_lookup_count(n: usize) -> Result<()> {
+    if n > super::MAX_LOOKUP_KEYS {
+        return Err(LedgerError::Invalid(format!(
+            "{n} lookups in one call exceeds the limit of {}",
+            super::MAX_LOOKUP_KEYS
+        )));
+    }
+    Ok(())
+}
+
+/// A table that a version 1 file does not have yet reads as `None` (empty).
+fn open_optional<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<K, V>,
+    path: &Path,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>> {
+    match txn.open_table(table) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(store_err(path, "open", e)),
+    }
+}
+
+/// The four values under `keys`, all present or all absent (anything else is a damaged file).
+fn read_four(
+    meta: &impl ReadableTable<&'static str, u64>,
+    keys: &[&'static str; 4],
+    path: &Path,
+) -> Result<Option<[u64; 4]>> {
+    let mut out = [0u64; 4];
+    let mut found = 0;
+    for (i, key) in keys.iter().enumerate() {
+        if let Some(g) = meta
+            .get(*key)
+            .map_err(|e| store_err(path, "read meta", e))?
+        {
+            out[i] = g.value();
+            found += 1;
+        }
+    }
+    match found {
+        0 => Ok(None),
+        4 => Ok(Some(out)),
+        _ => Err(store_err(
+            path,
+            "read meta",
+            format!("only {found} of the keys {keys:?} are present; the file is damaged"),
+        )),
+    }
+}
+
+fn read_identity(
+    meta: &impl ReadableTable<&'static str, u64>,
+    path: &Path,
+) -> Result<Option<StoreIdentity>> {
+    Ok(read_four(meta, &IDENTITY_KEYS, path)?.map(|v| StoreIdentity {
+        store_id: v[0],
+        wal_id: v[1],
+        wal_lsn_base: v[2],
+        epoch: v[3],
+    }))
+}
+
+fn read_high_water(txn: &ReadTransaction, path: &Path) -> Result<Option<HighWaterRow>> {
+    let meta = txn
+        .open_table(META)
+        .map_err(|e| store_err(path, "open meta", e))?;
+    Ok(read_four(&meta, &HIGH_WATER_KEYS, path)?.map(|v| HighWaterRow {
+        lsn: v[0],
+        first_sequence: v[1],
+        high_sequence: v[2],
+        max_trade_id: v[3],
+    }))
 }

@@ -164,6 +164,99 @@ pub struct MovementRow {
     pub lsn: Lsn,
 }
 
+/// A rejected message, as stored in the `rejections` table (keyed by output sequence): the
+/// durable proof that this sequence was seen and refused (P9).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectionRow {
+    /// The engine's output sequence of the message (primary key).
+    pub output_sequence: u64,
+    /// Why it was refused, at most [`MAX_REJECTION_REASON_BYTES`].
+    pub reason: String,
+    /// LSN of the WAL entry that recorded it.
+    pub lsn: Lsn,
+}
+
+/// A run of output sequences never seen (a gap), as stored in the `holes` table (keyed by its
+/// first sequence). `open` is false once every sequence in it was settled or rejected, or the
+/// row was split when part of it was filled (the rest lives on in other rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoleRow {
+    /// First missing sequence (primary key).
+    pub first_sequence: u64,
+    /// Last missing sequence (inclusive, `>= first_sequence`).
+    pub last_sequence: u64,
+    /// Still missing?
+    pub open: bool,
+    /// LSN of the WAL entry that wrote this state of the row.
+    pub lsn: Lsn,
+}
+
+/// The store's high-water: what every apply up to `lsn` accounted for. One row, written in every
+/// apply beside the data (so it advances with the commit markers), newest LSN wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HighWaterRow {
+    /// The LSN of the entry that wrote it (the highest acknowledged, for a store that has it).
+    pub lsn: Lsn,
+    /// The first output sequence this store ever accounted for.
+    pub first_sequence: u64,
+    /// The highest output sequence accounted for (settled, rejected, or the end of a hole).
+    pub high_sequence: u64,
+    /// The highest trade id settled.
+    pub max_trade_id: u64,
+}
+
+/// The store's identity and its owner: which WAL writes it, from which LSN, under which writer
+/// epoch (P8). Changed only by [`Ledger::claim`], a conditional write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreIdentity {
+    /// Random, created with the schema; never changes.
+    pub store_id: u64,
+    /// The id of the WAL that owns the store (0: none yet).
+    pub wal_id: u64,
+    /// The first LSN that WAL wrote to this store.
+    pub wal_lsn_base: Lsn,
+    /// The writer epoch: every start of a writer takes the next one; a writer that finds a
+    /// newer epoch stops (fencing). At most [`MAX_EPOCH`].
+    pub epoch: u64,
+}
+
+/// The outcome of a [`Ledger::claim`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The identity was written: the caller now owns the store under its epoch.
+    Won,
+    /// Another writer changed the identity first: here is what the store holds now.
+    Lost(Option<StoreIdentity>),
+}
+
+/// Bits of a CQL write timestamp that carry the LSN; the epoch is above them
+/// ([`write_timestamp`]).
+pub const TIMESTAMP_LSN_BITS: u32 = 40;
+/// Highest LSN a write timestamp can carry (2^40 - 1, about 1.1e12).
+pub const MAX_TIMESTAMP_LSN: Lsn = (1 << TIMESTAMP_LSN_BITS) - 1;
+/// Highest writer epoch: `(MAX_EPOCH + 1) << 40` is 1.69e15 microseconds (July 2023), so every
+/// timestamp settlement writes stays below wall-clock time and a deliberate manual fix written
+/// with the current time wins over it (the audit then reports the row).
+pub const MAX_EPOCH: u64 = 1535;
+/// Longest rejection reason stored (longer ones are cut at a character boundary).
+pub const MAX_REJECTION_REASON_BYTES: usize = 512;
+/// Most open holes a store may report at once: beyond it the stream is not a stream and a
+/// human must look (`settlement holes`).
+pub const MAX_OPEN_HOLES: usize = 100_000;
+
+/// The write timestamp (microseconds) of a write of entry `lsn` by a writer of `epoch`: the
+/// epoch in the high bits, so a fenced writer's late writes (an older epoch) always lose
+/// last-write-wins to the new writer's, and within an epoch a higher LSN wins (P4). Epoch 0 is
+/// what stores written before epochs existed hold (timestamp = LSN).
+///
+/// # Panics
+/// If `epoch > MAX_EPOCH` or `lsn > MAX_TIMESTAMP_LSN` (callers check both at start-up).
+pub fn write_timestamp(epoch: u64, lsn: Lsn) -> i64 {
+    assert!(epoch <= MAX_EPOCH, "epoch {epoch} above {MAX_EPOCH}");
+    assert!(lsn <= MAX_TIMESTAMP_LSN, "LSN {lsn} above 2^40 - 1");
+    ((epoch << TIMESTAMP_LSN_BITS) | lsn) as i64
+}
+
 /// The event row an entry writes besides its balances.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventRow {
@@ -171,15 +264,28 @@ pub enum EventRow {
     Trade(TradeRow),
     /// A deposit or withdrawal row.
     Movement(MovementRow),
+    /// A rejected message.
+    Rejection(RejectionRow),
+    /// A hole's state.
+    Hole(HoleRow),
+    /// The high-water row.
+    HighWater(HighWaterRow),
 }
 
-/// Names one event row: a trade by its id, or a deposit/withdrawal by its output sequence.
+/// Names one event row: a trade by its id, a deposit/withdrawal, rejection or hole by its
+/// output sequence, or the single high-water row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum EventKey {
     /// The `trades` row with this trade id.
     Trade(u64),
     /// The `movements` row with this output sequence.
     Movement(u64),
+    /// The `rejections` row with this output sequence.
+    Rejection(u64),
+    /// The `holes` row with this first sequence.
+    Hole(u64),
+    /// The high-water row.
+    HighWater,
 }
 
 impl EventRow {
@@ -188,6 +294,20 @@ impl EventRow {
         match self {
             EventRow::Trade(t) => EventKey::Trade(t.trade_id),
             EventRow::Movement(m) => EventKey::Movement(m.output_sequence),
+            EventRow::Rejection(r) => EventKey::Rejection(r.output_sequence),
+            EventRow::Hole(h) => EventKey::Hole(h.first_sequence),
+            EventRow::HighWater(_) => EventKey::HighWater,
+        }
+    }
+
+    /// The LSN of the entry that wrote this row.
+    pub fn lsn(&self) -> Lsn {
+        match self {
+            EventRow::Trade(t) => t.lsn,
+            EventRow::Movement(m) => m.lsn,
+            EventRow::Rejection(r) => r.lsn,
+            EventRow::Hole(h) => h.lsn,
+            EventRow::HighWater(h) => h.lsn,
         }
     }
 }
@@ -197,6 +317,9 @@ impl fmt::Display for EventKey {
         match self {
             EventKey::Trade(id) => write!(f, "trade {id}"),
             EventKey::Movement(seq) => write!(f, "movement {seq}"),
+            EventKey::Rejection(seq) => write!(f, "rejection {seq}"),
+            EventKey::Hole(seq) => write!(f, "hole {seq}"),
+            EventKey::HighWater => write!(f, "high-water"),
         }
     }
 }
@@ -275,20 +398,9 @@ pub trait Ledger: Send + Sync {
 
     /// The LSN of each event row in `keys`, in the order of `keys` (`None` for a row that does
     /// not exist): recovery's existence checks for many entries at once. At most
-    /// [`MAX_LOOKUP_KEYS`] keys per call ([`LedgerError::Invalid`] beyond). The default looks the
-    /// keys up one at a time with [`Ledger::trade_lsn`] and [`Ledger::movement_lsn`]; a store with
-    /// a network round trip per read overrides it with concurrent reads under an explicit limit.
-    async fn event_lsns(&self, keys: &[EventKey]) -> Result<Vec<Option<Lsn>>> {
-        validate_lookup(keys)?;
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            out.push(match *key {
-                EventKey::Trade(id) => self.trade_lsn(id).await?,
-                EventKey::Movement(seq) => self.movement_lsn(seq).await?,
-            });
-        }
-        Ok(out)
-    }
+    /// [`MAX_LOOKUP_KEYS`] keys per call ([`LedgerError::Invalid`] beyond). A store with a
+    /// network round trip per read makes concurrent reads under an explicit limit.
+    async fn event_lsns(&self, keys: &[EventKey]) -> Result<Vec<Option<Lsn>>>;
 
     /// Does the trade row exist?
     async fn trade_exists(&self, trade_id: u64) -> Result<bool> {
@@ -310,8 +422,48 @@ pub trait Ledger: Send + Sync {
     /// Every movement row (for `audit`).
     async fn scan_movements(&self) -> Result<Vec<MovementRow>>;
 
+    /// Every rejection row (for `audit`).
+    async fn scan_rejections(&self) -> Result<Vec<RejectionRow>>;
+
+    /// Every hole row that is still open, at most [`MAX_OPEN_HOLES`] ([`LedgerError::Invalid`]
+    /// beyond): start-up rebuilds the dedup state from them, `settlement holes` lists them.
+    async fn open_holes(&self) -> Result<Vec<HoleRow>>;
+
+    /// The high-water row, if one was ever written.
+    async fn high_water(&self) -> Result<Option<HighWaterRow>>;
+
+    /// The output sequence of each trade row in `ids` (`None` for one that does not exist), in
+    /// the order of `ids`, at most [`MAX_LOOKUP_KEYS`]: the pipeline's check that a trade id is
+    /// not settled twice under different sequences.
+    async fn trade_sequences(&self, ids: &[u64]) -> Result<Vec<Option<u64>>>;
+
+    /// The store's identity, if it has one (a store written before identities existed, or a new
+    /// one, has none).
+    async fn identity(&self) -> Result<Option<StoreIdentity>>;
+
+    /// Writes `new` as the store's identity if the stored one's epoch is still
+    /// `expected_epoch` (`None`: no identity stored yet): a conditional write (a lightweight
+    /// transaction on CQL), so of two writers starting at once exactly one wins.
+    async fn claim(&self, expected_epoch: Option<u64>, new: StoreIdentity) -> Result<Claim>;
+
+    /// Sets the epoch later writes carry in their timestamps (stores with last-write-wins
+    /// timestamps; [`write_timestamp`]). The default does nothing.
+    fn set_write_epoch(&self, _epoch: u64) {}
+
     /// A short description for logs (`embedded:./data/ledger.redb`, `cql://127.0.0.1:9042/ks`).
     fn describe(&self) -> String;
+}
+
+/// Cuts a rejection reason to [`MAX_REJECTION_REASON_BYTES`] at a character boundary.
+pub fn bounded_reason(reason: &str) -> String {
+    if reason.len() <= MAX_REJECTION_REASON_BYTES {
+        return reason.to_string();
+    }
+    let mut end = MAX_REJECTION_REASON_BYTES;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
 }
 
 /// Checks the limits every implementation enforces before writing.

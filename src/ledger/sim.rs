@@ -10,8 +10,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::{
-    validate_entries, BalanceKey, BalanceRow, EntryWrites, EventRow, Ledger, LedgerError,
-    MovementRow, Result, TradeRow,
+    validate_entries, validate_lookup, BalanceKey, BalanceRow, Claim, EntryWrites, EventRow, HighWaterRow, HoleRow,
+    EventKey, Ledger, LedgerError, MovementRow, RejectionRow, Result, StoreIdentity, TradeRow,
 };
 use crate::wal::Lsn;
 
@@ -33,6 +33,10 @@ struct State {
     balances: HashMap<BalanceKey, BalanceRow>,
     trades: HashMap<u64, TradeRow>,
     movements: HashMap<u64, MovementRow>,
+    rejections: HashMap<u64, RejectionRow>,
+    holes: HashMap<u64, HoleRow>,
+    high_water: Option<HighWaterRow>,
+    identity: Option<StoreIdentity>,
     rng: u64,
     calls: u64,
     /// Fail every operation (the simulated process is dead) until restart.
@@ -130,6 +134,29 @@ fn write_row(st: &mut State, w: RowWrite) {
                 st.movements.insert(m.output_sequence, m);
             }
         }
+        RowWrite::Event(EventRow::Rejection(r)) => {
+            if st
+                .rejections
+                .get(&r.output_sequence)
+                .is_none_or(|old| old.lsn <= r.lsn)
+            {
+                st.rejections.insert(r.output_sequence, r);
+            }
+        }
+        RowWrite::Event(EventRow::Hole(h)) => {
+            if st
+                .holes
+                .get(&h.first_sequence)
+                .is_none_or(|old| old.lsn <= h.lsn)
+            {
+                st.holes.insert(h.first_sequence, h);
+            }
+        }
+        RowWrite::Event(EventRow::HighWater(hw)) => {
+            if st.high_water.is_none_or(|old| old.lsn <= hw.lsn) {
+                st.high_water = Some(hw);
+            }
+        }
         RowWrite::Balance(key, row) => {
             if st
                 .balances
@@ -162,11 +189,7 @@ impl Ledger for SimLedger {
         let mut rows: Vec<(Lsn, RowWrite)> = Vec::new();
         for e in entries {
             if let Some(ev) = &e.event {
-                let lsn = match ev {
-                    EventRow::Trade(t) => t.lsn,
-                    EventRow::Movement(m) => m.lsn,
-                };
-                rows.push((lsn, RowWrite::Event(ev.clone())));
+                rows.push((ev.lsn(), RowWrite::Event(ev.clone())));
             }
             for b in &e.balances {
                 rows.push((
@@ -235,6 +258,24 @@ impl Ledger for SimLedger {
         }
     }
 
+    async fn event_lsns(&self, keys: &[EventKey]) -> Result<Vec<Option<Lsn>>> {
+        validate_lookup(keys)?;
+        let st = self.state.lock();
+        if st.crashed {
+            return Err(dead());
+        }
+        Ok(keys
+            .iter()
+            .map(|k| match *k {
+                EventKey::Trade(id) => st.trades.get(&id).map(|t| t.lsn),
+                EventKey::Movement(seq) => st.movements.get(&seq).map(|m| m.lsn),
+                EventKey::Rejection(seq) => st.rejections.get(&seq).map(|r| r.lsn),
+                EventKey::Hole(seq) => st.holes.get(&seq).map(|h| h.lsn),
+                EventKey::HighWater => st.high_water.map(|h| h.lsn),
+            })
+            .collect())
+    }
+
     async fn trade_lsn(&self, trade_id: u64) -> Result<Option<Lsn>> {
         let st = self.state.lock();
         if st.crashed {
@@ -270,6 +311,59 @@ impl Ledger for SimLedger {
 
     async fn scan_movements(&self) -> Result<Vec<MovementRow>> {
         Ok(self.state.lock().movements.values().cloned().collect())
+    }
+
+    async fn scan_rejections(&self) -> Result<Vec<RejectionRow>> {
+        Ok(self.state.lock().rejections.values().cloned().collect())
+    }
+
+    async fn open_holes(&self) -> Result<Vec<HoleRow>> {
+        let st = self.state.lock();
+        if st.crashed {
+            return Err(dead());
+        }
+        let mut out: Vec<HoleRow> = st.holes.values().filter(|h| h.open).copied().collect();
+        out.sort_by_key(|h| h.first_sequence);
+        Ok(out)
+    }
+
+    async fn high_water(&self) -> Result<Option<HighWaterRow>> {
+        let st = self.state.lock();
+        if st.crashed {
+            return Err(dead());
+        }
+        Ok(st.high_water)
+    }
+
+    async fn trade_sequences(&self, ids: &[u64]) -> Result<Vec<Option<u64>>> {
+        let st = self.state.lock();
+        if st.crashed {
+            return Err(dead());
+        }
+        Ok(ids
+            .iter()
+            .map(|id| st.trades.get(id).map(|t| t.output_sequence))
+            .collect())
+    }
+
+    async fn identity(&self) -> Result<Option<StoreIdentity>> {
+        let st = self.state.lock();
+        if st.crashed {
+            return Err(dead());
+        }
+        Ok(st.identity)
+    }
+
+    async fn claim(&self, expected_epoch: Option<u64>, new: StoreIdentity) -> Result<Claim> {
+        let mut st = self.state.lock();
+        if st.crashed {
+            return Err(dead());
+        }
+        if st.identity.map(|i| i.epoch) != expected_epoch {
+            return Ok(Claim::Lost(st.identity));
+        }
+        st.identity = Some(new);
+        Ok(Claim::Won)
     }
 
     fn describe(&self) -> String {

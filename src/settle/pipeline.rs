@@ -25,10 +25,13 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use super::control::{ControlEntry, HighWater};
 use super::entry::{into_event_row, BalanceCache, Settled, SettlementEntry, DEFAULT_CACHE_ROWS};
 use super::event::{parse_event, Event, Rejection};
+use super::sequence::{HoleChanges, Placement, SequenceState, DEFAULT_MAX_SEQUENCE_JUMP};
+use super::trade_ids::TradeIds;
 use super::SettleError;
-use crate::ledger::{BalanceWrite, EntryWrites, Ledger, StoreUrl};
+use crate::ledger::{BalanceWrite, EntryWrites, Ledger, LedgerError, StoreUrl, MAX_LOOKUP_KEYS};
 use crate::wal::{Lsn, Wal};
 
 /// Largest `--batch-max`.
@@ -70,6 +73,11 @@ pub struct PipelineSettings {
     /// Bound of the balance cache, in rows (raised to `4 * batch_max`: every row a micro-batch
     /// touches is cached while it is settled; see [`BalanceCache`]).
     pub cache_rows: usize,
+    /// A sequence more than this far past the highest one is refused as wild, not taken as
+    /// progress ([`SequenceState`]).
+    pub max_seq_jump: u64,
+    /// Kept equal to the number of open holes (for `/health`), when set.
+    pub open_holes: Option<Arc<AtomicU64>>,
 }
 
 impl PipelineSettings {
@@ -97,6 +105,8 @@ impl Default for PipelineSettings {
             on_gap: GapPolicy::Log,
             checkpoint_every_batches: 32,
             cache_rows: DEFAULT_CACHE_ROWS,
+            max_seq_jump: DEFAULT_MAX_SEQUENCE_JUMP,
+            open_holes: None,
         }
     }
 }
@@ -120,12 +130,15 @@ pub struct Summary {
     pub events: u64,
     /// Events settled (durable in the WAL and acknowledged by the store).
     pub settled: u64,
-    /// Messages skipped as duplicates (output sequence at or below the last durable one).
+    /// Messages skipped as duplicates (a sequence already settled or rejected, or before the
+    /// first one the store accounts for).
     pub duplicates: u64,
     /// Messages rejected (invalid, or refused: a withdrawal above the balance).
     pub rejected: u64,
-    /// Gaps seen in the output sequence.
+    /// Gaps seen in the output sequence (each opened a hole).
     pub gaps: u64,
+    /// Messages that filled (part of) an open hole.
+    pub filled: u64,
     /// Micro-batches written.
     pub batches: u64,
 }
@@ -134,8 +147,8 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "events={} settled={} duplicates={} rejected={} gaps={}",
-            self.events, self.settled, self.duplicates, self.rejected, self.gaps
+            "events={} settled={} duplicates={} rejected={} gaps={} filled={}",
+            self.events, self.settled, self.duplicates, self.rejected, self.gaps, self.filled
         )
     }
 }
@@ -228,6 +241,8 @@ struct DurableBatch {
     last_lsn: Lsn,
     /// The batch's entries with their LSNs (coalesced into store writes by the apply task).
     entries: Vec<(Lsn, SettlementEntry)>,
+    /// The batch's control entry, at `last_lsn`.
+    control: ControlEntry,
     events: u64,
     started: Instant,
 }
@@ -235,11 +250,14 @@ struct DurableBatch {
 /// Per-row coalescing of a micro-batch ([`crate::ledger::coalesce`]): every entry keeps its event
 /// row; of the balance rows touched several times only the newest post-image is written, with
 /// the newest entry's LSN. Takes the entries, so nothing is copied.
-pub fn coalesce(entries: Vec<(Lsn, SettlementEntry)>) -> Vec<EntryWrites> {
+pub fn coalesce(
+    entries: Vec<(Lsn, SettlementEntry)>,
+    controls: &[(Lsn, ControlEntry)],
+) -> Vec<EntryWrites> {
     // What `ledger::coalesce` of each entry's `into_writes` gives, without a balance `Vec` per
     // entry: the event rows, then every balance write gathered in entry order (the stable sort
     // of `coalesce_rows` keeps that order among equal keys and LSNs).
-    let mut writes: Vec<EntryWrites> = Vec::with_capacity(entries.len() + 1);
+    let mut writes: Vec<EntryWrites> = Vec::with_capacity(entries.len() + 2);
     let mut balances: Vec<BalanceWrite> =
         Vec::with_capacity(entries.iter().map(|(_, e)| e.post_images.len()).sum());
     let mut last_lsn = None;
@@ -256,6 +274,17 @@ pub fn coalesce(entries: Vec<(Lsn, SettlementEntry)>) -> Vec<EntryWrites> {
             balances: Vec::new(),
         });
     }
+    // The control rows: of several batches' high-water rows only the newest is written (an
+    // older one would lose to it anyway).
+    let newest = controls.iter().map(|(lsn, _)| *lsn).max();
+    for (lsn, control) in controls {
+        last_lsn = last_lsn.max(Some(*lsn));
+        let mut rows = control.writes(*lsn);
+        if Some(*lsn) != newest {
+            rows.remove(0); // the high-water row comes first
+        }
+        writes.extend(rows);
+    }
     crate::ledger::coalesce_rows(writes, balances, last_lsn)
 }
 
@@ -266,8 +295,12 @@ pub struct Pipeline {
     cache: BalanceCache,
     /// The WAL payloads of the micro-batch being appended (reused).
     encode_buf: Vec<u8>,
-    /// Highest output sequence seen (durable or rejected with a readable sequence).
-    last_seq: Option<u64>,
+    /// Which sequences are settled, rejected or open holes (P9).
+    sequences: SequenceState,
+    /// Trade ids settled (a trade id is settled once).
+    trade_ids: TradeIds,
+    /// The writer's epoch and how the applier checks it (P8).
+    fence: Fence,
     settings: PipelineSettings,
     rejects: RejectSink,
     /// `summary.rejected` when the rejects file was last synced.
@@ -294,15 +327,71 @@ struct AppendedBatch {
     first_lsn: Lsn,
     last_lsn: Lsn,
     entries: Vec<SettlementEntry>,
+    control: ControlEntry,
     started: Instant,
 }
 
+/// Where the pipeline starts: the dedup state and the trade ids the store accounts for, and the
+/// writer's epoch.
+#[derive(Clone, Debug)]
+pub struct StartState {
+    /// The dedup state.
+    pub sequences: SequenceState,
+    /// The highest trade id settled.
+    pub max_trade_id: u64,
+    /// This writer's epoch (P8); 0 for a pipeline that does not check fencing (tests).
+    pub epoch: u64,
+}
+
+/// Least time between two fence checks of the applier ([`Fence`]).
+pub const FENCE_CHECK_INTERVAL_MS: u64 = 250;
+
+/// The applier's fence check: before writing commit markers it re-reads the store's epoch (at
+/// most every [`FENCE_CHECK_INTERVAL_MS`]) and stops once a newer writer holds the store. The
+/// newer writer's timestamps already win every row, so this bounds how long a fenced writer
+/// keeps writing markers for writes that lost.
+#[derive(Clone, Debug)]
+struct Fence {
+    epoch: u64,
+    started: Instant,
+    /// Milliseconds since `started` of the last check.
+    last_check_ms: Arc<AtomicU64>,
+}
+
+impl Fence {
+    fn due(&self) -> bool {
+        if self.epoch == 0 {
+            return false;
+        }
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let last = self.last_check_ms.load(Ordering::Relaxed);
+        now_ms >= last + FENCE_CHECK_INTERVAL_MS
+            && self
+                .last_check_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    async fn check(&self, ledger: &dyn Ledger) -> Result<(), SettleError> {
+        if !self.due() {
+            return Ok(());
+        }
+        match ledger.identity().await? {
+            Some(id) if id.epoch == self.epoch => Ok(()),
+            found => Err(SettleError::Fenced {
+                ours: self.epoch,
+                found: found.map(|i| i.epoch),
+            }),
+        }
+    }
+}
+
 impl Pipeline {
-    /// A pipeline continuing after `last_seq` (the last durable output sequence, from recovery).
+    /// A pipeline continuing from `start` (the store's state after recovery).
     pub fn new(
         wal: Arc<Wal>,
         ledger: Arc<dyn Ledger>,
-        last_seq: Option<u64>,
+        start: StartState,
         mut settings: PipelineSettings,
         rejects: RejectSink,
     ) -> Pipeline {
@@ -310,6 +399,9 @@ impl Pipeline {
         settings.inflight = settings.inflight.clamp(1, MAX_INFLIGHT_BATCHES);
         settings.checkpoint_every_batches = settings.checkpoint_every_batches.max(1);
         settings.cache_rows = settings.cache_rows.max(4 * settings.batch_max);
+        // Every trade in flight (queued, syncing, applying, merged) is remembered.
+        let recent_trade_ids =
+            (settings.inflight + SYNC_QUEUE_BATCHES + 2) * settings.batch_max * 2;
         tracing::info!(
             batch_max = settings.batch_max,
             batch_delay_ms = settings.batch_delay_ms,
@@ -322,7 +414,13 @@ impl Pipeline {
             ledger,
             cache: BalanceCache::with_max_rows(settings.cache_rows),
             encode_buf: Vec::new(),
-            last_seq,
+            sequences: start.sequences,
+            trade_ids: TradeIds::new(start.max_trade_id, recent_trade_ids),
+            fence: Fence {
+                epoch: start.epoch,
+                started: Instant::now(),
+                last_check_ms: Arc::new(AtomicU64::new(0)),
+            },
             settings,
             rejects,
             rejects_synced: 0,
@@ -348,6 +446,7 @@ impl Pipeline {
             self.settings.batch_max,
             self.settings.checkpoint_every_batches,
             self.acked_batch.clone(),
+            self.fence.clone(),
         ));
         // The syncer: one thread, since a sync blocks on the disk.
         let (append_tx, append_rx) = mpsc::channel::<AppendedBatch>(SYNC_QUEUE_BATCHES);
@@ -391,17 +490,24 @@ impl Pipeline {
                 carry = raw.split_off(self.settings.batch_max);
             }
             match self.settle_batch(raw).await {
-                Ok(Some(batch)) => {
-                    if append_tx.send(batch).await.is_err() {
-                        break; // the syncer stopped: its error is reported below
+                Ok((batch, halt)) => {
+                    if let Some(batch) = batch {
+                        if append_tx.send(batch).await.is_err() {
+                            break; // the syncer stopped: its error is reported below
+                        }
+                    }
+                    if let Some(halt) = halt {
+                        // Everything before the gap is appended; the drain below syncs and
+                        // applies it before the error is returned.
+                        carry.clear();
+                        halted = Some(halt);
                     }
                 }
-                Ok(None) => {}
                 Err(e) => halted = Some(e),
             }
         }
         // Messages parsed but not settled are dropped: they are not durable, so a restart reads
-        // them again (file, stdin re-run) or the publisher re-sends them.
+        // them again (file, stdin re-run, the engine's journal).
         drop(parsed);
         parser.abort();
         drop(append_tx);
@@ -426,43 +532,102 @@ impl Pipeline {
     }
 
     /// Validates, dedups and settles one micro-batch and appends it to the WAL (not yet
-    /// synced: the syncer does that). `None` when nothing in it needs the store.
+    /// synced: the syncer does that): the batch's entries, then its control entry. The batch is
+    /// `None` when it accounted for no sequence (all duplicates). Under `--on-gap halt`, a gap
+    /// ends the batch before the message after it, and the error to stop with comes back
+    /// beside what came before it.
     async fn settle_batch(
         &mut self,
         raw: Vec<Parsed>,
-    ) -> Result<Option<AppendedBatch>, SettleError> {
+    ) -> Result<(Option<AppendedBatch>, Option<SettleError>), SettleError> {
         let started = Instant::now();
         self.summary.events += raw.len() as u64;
         metrics::counter!("settlement_events_total").increment(raw.len() as u64);
+        let mut control = ControlEntry::default();
+        let mut holes = HoleChanges::new();
+        let mut accepted = 0usize;
+        let mut halt: Option<SettleError> = None;
         let mut events: Vec<(Event, Vec<u8>)> = Vec::with_capacity(raw.len());
         for m in raw {
+            let seq = match &m.event {
+                Ok(event) => Some(event.output_sequence()),
+                Err(rejection) => rejection.output_sequence,
+            };
+            let Some(seq) = seq else {
+                // No readable sequence: it cannot be placed, only reported.
+                let rejection = m.event.expect_err("events have a sequence");
+                self.reject(&m.bytes, &rejection)?;
+                continue;
+            };
+            match self.sequences.place(seq) {
+                Placement::Duplicate => {
+                    self.duplicate();
+                    continue;
+                }
+                Placement::BeforeFirst { first } => {
+                    tracing::warn!(
+                        output_sequence = seq,
+                        first,
+                        "a sequence before the first one this store accounts for: skipped as a duplicate"
+                    );
+                    self.duplicate();
+                    continue;
+                }
+                Placement::TooFar { high, max_jump } => {
+                    let rejection = Rejection {
+                        output_sequence: Some(seq),
+                        reason: format!(
+                            "output_sequence {seq} is more than {max_jump} past the highest accounted for ({high}); refused as a wild sequence (raise --max-seq-jump if the engine really skipped that far)"
+                        ),
+                    };
+                    self.reject(&m.bytes, &rejection)?;
+                    continue;
+                }
+                Placement::Gap {
+                    first_missing,
+                    last_missing,
+                } => {
+                    self.summary.gaps += 1;
+                    metrics::counter!("settlement_gaps_total").increment(1);
+                    tracing::warn!(
+                        first_missing,
+                        last_missing,
+                        got = seq,
+                        missing = last_missing - first_missing + 1,
+                        "gap in output_sequence: recorded as an open hole"
+                    );
+                    if self.settings.on_gap == GapPolicy::Halt {
+                        halt = Some(SettleError::Gap {
+                            first_missing,
+                            got: seq,
+                        });
+                        break;
+                    }
+                }
+                Placement::Fill { .. } => {
+                    self.summary.filled += 1;
+                    metrics::counter!("settlement_hole_fills_total").increment(1);
+                }
+                Placement::Next => {}
+            }
+            self.sequences.accept(seq, &mut holes);
+            accepted += 1;
             match m.event {
                 Err(rejection) => {
-                    if let Some(seq) = rejection.output_sequence {
-                        if self.last_seq.is_some_and(|last| seq <= last) {
-                            self.duplicate();
-                            continue;
-                        }
-                        self.check_gap(seq)?;
-                        self.last_seq = Some(seq);
-                    }
+                    control.reject(seq, &rejection.reason);
                     self.reject(&m.bytes, &rejection)?;
                 }
-                Ok(event) => {
-                    let seq = event.output_sequence();
-                    if self.last_seq.is_some_and(|last| seq <= last) {
-                        self.duplicate();
-                        continue;
-                    }
-                    self.check_gap(seq)?;
-                    self.last_seq = Some(seq);
-                    events.push((event, m.bytes));
-                }
+                Ok(event) => events.push((event, m.bytes)),
             }
         }
-        if events.is_empty() {
-            return Ok(None);
+        metrics::gauge!("settlement_open_holes").set(self.sequences.hole_count() as f64);
+        if let Some(counter) = &self.settings.open_holes {
+            counter.store(self.sequences.hole_count() as u64, Ordering::Relaxed);
         }
+        if accepted == 0 {
+            return Ok((None, halt));
+        }
+        let known_trades = self.stored_trade_sequences(&events).await?;
         // Stay within the cache bound, then load the rows this batch touches that it lacks.
         let evicted = self.cache.evict(self.acked_batch.load(Ordering::Acquire));
         if evicted > 0 {
@@ -475,13 +640,37 @@ impl Pipeline {
         let mut loaded = false;
         while let Some((event, bytes)) = queue.pop_front() {
             let seq = event.output_sequence();
+            if let Event::Trade(t) = &event {
+                let earlier = match self.trade_ids.known(t.trade_id) {
+                    Ok(found) => found,
+                    Err(()) => known_trades.get(&t.trade_id).copied(),
+                };
+                if let Some(earlier) = earlier.filter(|&e| e != seq) {
+                    let rejection = Rejection {
+                        output_sequence: Some(seq),
+                        reason: format!(
+                            "trade_id {} was already settled under output_sequence {earlier}; this message (output_sequence {seq}) reuses it and is refused",
+                            t.trade_id
+                        ),
+                    };
+                    control.reject(seq, &rejection.reason);
+                    self.reject(&bytes, &rejection)?;
+                    continue;
+                }
+            }
             match self.cache.try_settle(event) {
-                Settled::Entry(entry) => settled.push(entry),
+                Settled::Entry(entry) => {
+                    if let Event::Trade(t) = &entry.event {
+                        self.trade_ids.settled(t.trade_id, seq);
+                    }
+                    settled.push(entry);
+                }
                 Settled::Refused(reason) => {
                     let rejection = Rejection {
                         output_sequence: Some(seq),
                         reason,
                     };
+                    control.reject(seq, &rejection.reason);
                     self.reject(&bytes, &rejection)?;
                 }
                 Settled::NotLoaded(event) => {
@@ -499,11 +688,14 @@ impl Pipeline {
             }
         }
         metrics::gauge!("settlement_cache_rows").set(self.cache.len() as f64);
-        if settled.is_empty() {
-            return Ok(None);
-        }
-        // Rejected messages are durable before any entry after them can be (P6): once a later
-        // entry is durable, a restart skips them as duplicates.
+        control.set_holes(holes);
+        control.high_water = HighWater {
+            first_sequence: self.sequences.first().expect("a sequence was accepted"),
+            high_sequence: self.sequences.high().expect("a sequence was accepted"),
+            max_trade_id: self.trade_ids.max_settled(),
+        };
+        // The rejects file is the human-readable log of what the control entry records; it is
+        // made durable first so that every rejection the WAL holds has its line.
         if self.summary.rejected > self.rejects_synced {
             self.rejects.sync()?;
             self.rejects_synced = self.summary.rejected;
@@ -511,11 +703,13 @@ impl Pipeline {
         // All payloads in one reused buffer, then one append of the slices.
         let buf = &mut self.encode_buf;
         buf.clear();
-        let mut ends = Vec::with_capacity(settled.len());
+        let mut ends = Vec::with_capacity(settled.len() + 1);
         for entry in &settled {
             entry.encode_into(buf);
             ends.push(buf.len());
         }
+        control.encode_into(buf);
+        ends.push(buf.len());
         let payloads: Vec<&[u8]> = ends
             .iter()
             .scan(0, |start, &end| {
@@ -528,18 +722,56 @@ impl Pipeline {
         let (first_lsn, last_lsn) = tokio::task::block_in_place(|| wal.append_batch(&payloads))?;
         assert_eq!(
             last_lsn - first_lsn + 1,
-            settled.len() as u64,
-            "one LSN per appended entry"
+            settled.len() as u64 + 1,
+            "one LSN per appended entry, the control entry last"
         );
         self.next_batch += 1;
         self.summary.batches += 1;
-        Ok(Some(AppendedBatch {
-            batch,
-            first_lsn,
-            last_lsn,
-            entries: settled,
-            started,
-        }))
+        Ok((
+            Some(AppendedBatch {
+                batch,
+                first_lsn,
+                last_lsn,
+                entries: settled,
+                control,
+                started,
+            }),
+            halt,
+        ))
+    }
+
+    /// The output sequences under which the store holds the batch's trades whose ids only the
+    /// store can place (at or below the highest settled id and not remembered): no read at all
+    /// for an engine that numbers trades upwards.
+    async fn stored_trade_sequences(
+        &self,
+        events: &[(Event, Vec<u8>)],
+    ) -> Result<std::collections::HashMap<u64, u64>, SettleError> {
+        let mut ask: Vec<u64> = events
+            .iter()
+            .filter_map(|(e, _)| match e {
+                Event::Trade(t) if self.trade_ids.known(t.trade_id).is_err() => Some(t.trade_id),
+                _ => None,
+            })
+            .collect();
+        ask.sort_unstable();
+        ask.dedup();
+        let mut found = std::collections::HashMap::new();
+        for chunk in ask.chunks(MAX_LOOKUP_KEYS) {
+            let seqs = self.ledger.trade_sequences(chunk).await?;
+            if seqs.len() != chunk.len() {
+                return Err(SettleError::Ledger(LedgerError::Other(format!(
+                    "the store answered {} of {} trade lookups (a bug in the store implementation)",
+                    seqs.len(),
+                    chunk.len()
+                ))));
+            }
+            found.extend(chunk.iter().zip(seqs).filter_map(|(&id, s)| s.map(|s| (id, s))));
+        }
+        if !ask.is_empty() {
+            metrics::counter!("settlement_trade_id_lookups_total").increment(ask.len() as u64);
+        }
+        Ok(found)
     }
 
     fn duplicate(&mut self) {
@@ -551,29 +783,6 @@ impl Pipeline {
         self.summary.rejected += 1;
         metrics::counter!("settlement_rejected_total").increment(1);
         self.rejects.write(bytes, rejection)
-    }
-
-    fn check_gap(&mut self, seq: u64) -> Result<(), SettleError> {
-        let Some(last) = self.last_seq else {
-            return Ok(());
-        };
-        if seq > last + 1 {
-            self.summary.gaps += 1;
-            metrics::counter!("settlement_gaps_total").increment(1);
-            tracing::warn!(
-                expected = last + 1,
-                got = seq,
-                missing = seq - last - 1,
-                "gap in output_sequence"
-            );
-            if self.settings.on_gap == GapPolicy::Halt {
-                return Err(SettleError::Gap {
-                    expected: last + 1,
-                    got: seq,
-                });
-            }
-        }
-        Ok(())
     }
 }
 
@@ -643,12 +852,18 @@ fn sync_loop(
         }
         let events = b.entries.len() as u64;
         let entries: Vec<(Lsn, SettlementEntry)> =
-            (b.first_lsn..=b.last_lsn).zip(b.entries).collect();
+            (b.first_lsn..b.last_lsn).zip(b.entries).collect();
+        assert_eq!(
+            entries.len() as u64,
+            events,
+            "the entries take the LSNs before the control entry's"
+        );
         let durable = DurableBatch {
             batch: b.batch,
             first_lsn: b.first_lsn,
             last_lsn: b.last_lsn,
             entries,
+            control: b.control,
             events,
             started: b.started,
         };
@@ -701,6 +916,7 @@ async fn apply_loop(
     merge_max_events: usize,
     checkpoint_every: usize,
     acked_batch: Arc<AtomicU64>,
+    fence: Fence,
 ) -> Result<u64, SettleError> {
     let mut running: JoinSet<BatchOutcome> = JoinSet::new();
     let mut acked = AckedBatches::new(acked_batch);
@@ -728,21 +944,26 @@ async fn apply_loop(
                             }
                         }
                         let ledger = ledger.clone();
+                        let fence = fence.clone();
                         running.spawn(async move {
                             let (first_lsn, last_lsn) =
                                 (group[0].first_lsn, group[group.len() - 1].last_lsn);
                             let mut applied = Vec::with_capacity(group.len());
                             let mut entries = Vec::with_capacity(events);
+                            let mut controls = Vec::with_capacity(group.len());
                             for b in group {
                                 applied.push((b.batch, b.first_lsn, b.last_lsn, b.events, b.started));
                                 entries.extend(b.entries);
+                                controls.push((b.last_lsn, b.control));
                             }
-                            let writes = coalesce(entries);
+                            let writes = coalesce(entries, &controls);
                             ledger.apply(&writes).await.map_err(|e| SettleError::Store {
                                 first_lsn,
                                 last_lsn,
                                 source: e,
                             })?;
+                            // P8: no commit marker once a newer writer holds the store.
+                            fence.check(&*ledger).await?;
                             Ok(applied)
                         });
                         continue;
@@ -856,7 +1077,7 @@ mod tests {
             let want = crate::ledger::coalesce(
                 entries.iter().map(|(lsn, e)| e.writes(*lsn)).collect(),
             );
-            prop_assert_eq!(coalesce(entries), want);
+            prop_assert_eq!(coalesce(entries, &[]), want);
         }
     }
 }

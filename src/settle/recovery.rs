@@ -23,12 +23,13 @@ use std::time::Instant;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 
+use super::control::{ControlEntry, WalPayload};
 use super::entry::SettlementEntry;
 use super::event::Event;
 use super::SettleError;
 use crate::ledger::{
-    coalesce, BalanceKey, BalanceRow, BalanceWrite, EntryWrites, EventKey, EventRow, Ledger,
-    LedgerError, MAX_LOOKUP_KEYS,
+    coalesce, BalanceKey, BalanceRow, BalanceWrite, EntryWrites, EventKey, Ledger, LedgerError,
+    MAX_LOOKUP_KEYS,
 };
 use crate::wal::{Lsn, PendingEntry, Wal};
 
@@ -98,7 +99,7 @@ pub struct EntryPlan {
     pub rows: Vec<RowVerdict>,
     /// The writes recovery would send (only the missing rows).
     #[serde(skip)]
-    pub resend: EntryWrites,
+    pub resend: Vec<EntryWrites>,
 }
 
 /// What a recovery did.
@@ -133,24 +134,33 @@ pub async fn plan(
     ledger: &dyn Ledger,
     pending: &[PendingEntry],
 ) -> Result<Vec<EntryPlan>, SettleError> {
-    let decoded: Vec<(Lsn, SettlementEntry)> = pending
+    let decoded: Vec<(Lsn, WalPayload)> = pending
         .iter()
         .map(|p| {
-            SettlementEntry::decode(&p.payload)
+            WalPayload::decode(&p.payload)
                 .map(|e| (p.lsn, e))
                 .map_err(|reason| SettleError::BadEntry { lsn: p.lsn, reason })
         })
         .collect::<Result<_, _>>()?;
-    let event_keys: Vec<EventKey> = decoded
-        .iter()
-        .map(|(_, e)| match &e.event {
-            Event::Trade(t) => EventKey::Trade(t.trade_id),
-            Event::Movement(m) => EventKey::Movement(m.output_sequence),
-        })
-        .collect();
+    // Every event row of every entry (a control entry has several: its high-water, rejection
+    // and hole rows), in entry order.
+    let mut event_keys: Vec<EventKey> = Vec::with_capacity(decoded.len());
+    for (_, payload) in &decoded {
+        match payload {
+            WalPayload::Settle(e) => event_keys.push(match &e.event {
+                Event::Trade(t) => EventKey::Trade(t.trade_id),
+                Event::Movement(m) => EventKey::Movement(m.output_sequence),
+            }),
+            WalPayload::Control(c) => event_keys.extend(c.keys()),
+        }
+    }
     let mut balance_keys: Vec<BalanceKey> = decoded
         .iter()
-        .flat_map(|(_, e)| e.post_images.iter().map(|(k, _)| *k))
+        .filter_map(|(_, p)| match p {
+            WalPayload::Settle(e) => Some(e.post_images.iter().map(|(k, _)| *k)),
+            WalPayload::Control(_) => None,
+        })
+        .flatten()
         .collect();
     balance_keys.sort_unstable();
     balance_keys.dedup();
@@ -159,14 +169,66 @@ pub async fn plan(
         read_event_lsns(ledger, &event_keys),
         read_balance_rows(ledger, &balance_keys),
     )?;
+    let mut event_lsns = event_lsns.into_iter();
     Ok(decoded
         .into_iter()
-        .zip(event_lsns)
-        .map(|((lsn, entry), event_lsn)| {
-            let mut rows = entry.post_images.iter().map(|(k, _)| balances[k]);
-            classify(lsn, &entry, event_lsn, &mut rows)
+        .map(|(lsn, payload)| match payload {
+            WalPayload::Settle(entry) => {
+                let event_lsn = event_lsns.next().expect("one lookup per event row");
+                let mut rows = entry.post_images.iter().map(|(k, _)| balances[k]);
+                classify(lsn, &entry, event_lsn, &mut rows)
+            }
+            WalPayload::Control(control) => classify_control(lsn, &control, &mut event_lsns),
         })
         .collect())
+}
+
+/// A control entry's rows: each present at its LSN (applied), newer (superseded) or missing.
+/// These rows are the entry's own bookkeeping, so an equal LSN is the entry's write.
+fn classify_control(
+    lsn: Lsn,
+    control: &ControlEntry,
+    event_lsns: &mut impl Iterator<Item = Option<Lsn>>,
+) -> EntryPlan {
+    let mut verdicts = Vec::new();
+    let mut resend = Vec::new();
+    for (key, write) in control.keys().into_iter().zip(control.writes(lsn)) {
+        let found = event_lsns.next().expect("one lookup per control row");
+        let class = match found {
+            Some(l) if l == lsn => RowClass::Applied,
+            Some(l) if l > lsn => RowClass::Superseded,
+            _ => RowClass::Missing,
+        };
+        if class == RowClass::Missing {
+            resend.push(write);
+        }
+        verdicts.push(RowVerdict {
+            row: key.to_string(),
+            class,
+            found: found.map(|l| (0, l)),
+            expected: 0,
+        });
+    }
+    EntryPlan {
+        lsn,
+        output_sequence: control.high_water.high_sequence,
+        class: entry_class(&verdicts),
+        rows: verdicts,
+        resend,
+    }
+}
+
+fn entry_class(verdicts: &[RowVerdict]) -> EntryClass {
+    let any = |c| verdicts.iter().any(|v| v.class == c);
+    if any(RowClass::Diverged) {
+        EntryClass::Diverged
+    } else if !any(RowClass::Missing) {
+        EntryClass::Applied
+    } else if any(RowClass::Applied) || any(RowClass::Superseded) {
+        EntryClass::Partial
+    } else {
+        EntryClass::Missing
+    }
 }
 
 /// The LSN of each event row, [`RECOVERY_LOOKUP_KEYS`] per call.
@@ -289,10 +351,7 @@ fn classify(
     rows: &mut impl Iterator<Item = Option<crate::ledger::BalanceRow>>,
 ) -> EntryPlan {
     let event_row = entry.event_row(lsn);
-    let event_name = match &event_row {
-        EventRow::Trade(t) => format!("trade {}", t.trade_id),
-        EventRow::Movement(m) => format!("movement {}", m.output_sequence),
-    };
+    let event_name = event_row.key().to_string();
     let event_class = match event_lsn {
         None => RowClass::Missing,
         Some(l) if l == lsn => RowClass::Applied,
@@ -334,22 +393,12 @@ fn classify(
             expected: *amount,
         });
     }
-    let any = |c| verdicts.iter().any(|v| v.class == c);
-    let class = if any(RowClass::Diverged) {
-        EntryClass::Diverged
-    } else if !any(RowClass::Missing) {
-        EntryClass::Applied
-    } else if any(RowClass::Applied) || any(RowClass::Superseded) {
-        EntryClass::Partial
-    } else {
-        EntryClass::Missing
-    };
     EntryPlan {
         lsn,
         output_sequence: entry.event.output_sequence(),
-        class,
+        class: entry_class(&verdicts),
         rows: verdicts,
-        resend,
+        resend: vec![resend],
     }
 }
 
@@ -397,7 +446,11 @@ pub async fn recover(
                 report: text,
             });
         }
-        tracing::error!(entries = diverged.len(), report = %text, "recovery: diverged rows left as the store holds them (--accept-divergence)");
+        tracing::error!(entries = diverged.len(), report = %text, "recovery: diverged entries left wholly as the store holds them, none of their rows re-sent (--accept-divergence)");
+        eprintln!(
+            "recovery: {} diverged entr(y/ies) left wholly as the store holds them (--accept-divergence): none of their rows was re-sent, not even the missing ones, so no entry lands half from the WAL and half from the store:{text}",
+            diverged.len()
+        );
     }
     let mut resend = Vec::new();
     for p in plans {
@@ -412,9 +465,12 @@ pub async fn recover(
             .iter()
             .filter(|r| r.class == RowClass::Superseded)
             .count();
-        if p.resend.row_count() > 0 {
-            report.resent_rows += p.resend.row_count();
-            resend.push(p.resend);
+        if p.class == EntryClass::Diverged {
+            continue; // wholly as the store has it: nothing of it is re-sent
+        }
+        for w in p.resend.into_iter().filter(|w| w.row_count() > 0) {
+            report.resent_rows += w.row_count();
+            resend.push(w);
         }
     }
     let writes = coalesce(resend);
