@@ -15,7 +15,7 @@ use settlement_wal::ledger::embedded::EmbeddedLedger;
 use settlement_wal::ledger::{EntryWrites, Ledger};
 use settlement_wal::settle::entry::{BalanceCache, SettlementEntry};
 use settlement_wal::settle::event::parse_event;
-use settlement_wal::wal::{inspect_with, Lsn, Wal, WalOptions};
+use settlement_wal::wal::{inspect_with, Lsn, Wal, WalIdentity, WalOptions};
 
 // ---------------------------------------------------------------- helpers
 
@@ -239,6 +239,77 @@ fn summary_lists_every_segment_with_states_and_totals() {
     assert_eq!(v["tail"]["state"], "clean");
     let counted: u64 = rows.iter().map(|r| r["entries"].as_u64().unwrap()).sum();
     assert_eq!(counted, 2405);
+}
+
+#[test]
+fn summary_prints_the_wal_id_and_owner_id() {
+    let dir = temp_dir();
+    let identity = WalIdentity {
+        wal_id: 0x0123_4567_89ab_cdef,
+        owner_id: 41,
+    };
+    let wal = Wal::open(dir.path(), small().identity(identity)).unwrap();
+    wal.append(b"x").unwrap();
+    wal.sync().unwrap();
+    wal.rebind(42).unwrap();
+    drop(wal);
+    let o = run_dir(&["summary"], dir.path());
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("identity: wal_id 0x0123456789abcdef, owner_id 42"),
+        "{text}"
+    );
+    // The older segment's other owner is listed by name.
+    let first = name_of(&segment_files(dir.path())[0]);
+    assert!(
+        text.contains(&format!(
+            "{first}: format version 2, wal_id 0x0123456789abcdef, owner_id 41"
+        )),
+        "{text}"
+    );
+    let v = json(&run_dir(&["summary", "--json"], dir.path()));
+    assert_eq!(v["identity"]["wal_id"], 0x0123_4567_89ab_cdef_u64);
+    assert_eq!(v["identity"]["owner_id"], 42);
+    let rows = v["segments"].as_array().unwrap();
+    assert_eq!(rows[0]["identity"]["owner_id"], 41);
+    assert_eq!(rows[1]["identity"]["owner_id"], 42);
+    assert_eq!(rows[1]["format_version"], 2);
+}
+
+#[test]
+fn verify_names_a_segment_of_another_wal() {
+    let dir = temp_dir();
+    let other = temp_dir();
+    let ours = WalIdentity {
+        wal_id: 0x1111,
+        owner_id: 0,
+    };
+    let theirs = WalIdentity {
+        wal_id: 0x2222,
+        owner_id: 0,
+    };
+    let next = {
+        let wal = Wal::open(dir.path(), small().identity(ours)).unwrap();
+        wal.append(b"ours").unwrap();
+        wal.sync().unwrap();
+        wal.last_lsn() + 1
+    };
+    {
+        let wal = Wal::open(other.path(), small().identity(theirs).first_lsn(next)).unwrap();
+        wal.append(b"theirs").unwrap();
+        wal.sync().unwrap();
+    }
+    let foreign = segment_files(other.path()).remove(0);
+    std::fs::copy(&foreign, dir.path().join(foreign.file_name().unwrap())).unwrap();
+    let o = run_dir(&["verify"], dir.path());
+    assert_eq!(code(&o), 2, "{}", stdout(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains(&name_of(&foreign)) && text.contains("belongs to another WAL"),
+        "{text}"
+    );
+    assert!(text.contains("0x0000000000002222"), "{text}");
 }
 
 #[test]
@@ -989,14 +1060,14 @@ fn a_future_format_version_is_refused_by_every_command() {
         .unwrap();
     let mut head = [0u8; 64];
     f.read_exact_at(&mut head, 0).unwrap();
-    head[8..12].copy_from_slice(&2u32.to_le_bytes());
+    head[8..12].copy_from_slice(&3u32.to_le_bytes());
     let crc = crc32fast::hash(&head[..60]);
     head[60..64].copy_from_slice(&crc.to_le_bytes());
     f.write_all_at(&head, 0).unwrap();
     for cmd in ["summary", "dump", "verify", "pending", "repair"] {
         assert_one_line_error(
             &run_dir(&[cmd], dir.path()),
-            "format version 2 is not supported",
+            "format version 3 is not supported",
         );
     }
 }

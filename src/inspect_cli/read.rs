@@ -225,7 +225,11 @@ fn diagnose(
                     hex(&head[..head.len().min(8)]),
                 ),
                 HeaderError::UnsupportedVersion { found } => (
-                    format!("format version {}", crate::wal::format::FORMAT_VERSION),
+                    format!(
+                        "format version {} to {}",
+                        crate::wal::format::OLDEST_READ_FORMAT_VERSION,
+                        crate::wal::format::FORMAT_VERSION
+                    ),
                     format!("format version {found}"),
                 ),
                 HeaderError::ChecksumMismatch { stored, computed } => {

@@ -54,6 +54,29 @@ pub(super) fn writer_json(wal: &WalDir) -> Value {
     }
 }
 
+/// One line on the WAL's identity (format version 2 segment headers).
+pub(super) fn identity_text(inspection: &Inspection) -> String {
+    match inspection.identity {
+        Some(id) => format!(
+            "identity: wal_id {:#018x}, owner_id {}{}",
+            id.wal_id,
+            id.owner_id,
+            if id.owner_id == 0 { " (not bound)" } else { "" }
+        ),
+        None => {
+            "identity: none (format version 1 segments only; the next new segment gets one)".into()
+        }
+    }
+}
+
+/// The identity as JSON (`null` fields for a WAL without one).
+pub(super) fn identity_json(identity: Option<crate::wal::WalIdentity>) -> Value {
+    match identity {
+        Some(id) => json!({"wal_id": id.wal_id, "owner_id": id.owner_id}),
+        None => json!({"wal_id": null, "owner_id": null}),
+    }
+}
+
 /// The WAL-wide problem state: `clean`, `torn at file:offset (...)`, `corrupt at ...`.
 pub(super) fn problem_text(inspection: &Inspection) -> String {
     match &inspection.problem {
@@ -192,6 +215,8 @@ pub(super) fn summary(ctx: &mut Ctx<'_>, dir: &Path) -> Result<u8, CliError> {
                     "checkpoints": s.counts.checkpoints,
                     "used_bytes": s.used_bytes,
                     "file_size_bytes": s.file_size_bytes,
+                    "format_version": s.format_version,
+                    "identity": identity_json(s.identity),
                     "tail": tail_json(&s.tail, None),
                 })
             })
@@ -199,6 +224,7 @@ pub(super) fn summary(ctx: &mut Ctx<'_>, dir: &Path) -> Result<u8, CliError> {
         ctx.json_doc(&json!({
             "dir": wal.dir.display().to_string(),
             "writer": writer_json(&wal),
+            "identity": identity_json(inspection.identity),
             "segments": rows,
             "totals": {
                 "segments": segs.len(),
@@ -223,6 +249,23 @@ pub(super) fn summary(ctx: &mut Ctx<'_>, dir: &Path) -> Result<u8, CliError> {
         let out = &mut *ctx.out;
         writeln!(out, "WAL {}: {} segment(s)", wal.dir.display(), segs.len())?;
         writeln!(out, "{}", writer_text(&wal))?;
+        writeln!(out, "{}", identity_text(&inspection))?;
+        // Segments whose header disagrees with the WAL's identity (another owner after a
+        // rebind, no identity in a version 1 segment) are listed by name.
+        for s in segs {
+            if s.identity != inspection.identity && s.format_version.is_some() {
+                writeln!(
+                    out,
+                    "  {}: format version {}, {}",
+                    file_name(&s.path),
+                    s.format_version.unwrap_or(0),
+                    match s.identity {
+                        Some(id) => format!("wal_id {:#018x}, owner_id {}", id.wal_id, id.owner_id),
+                        None => "no identity".into(),
+                    }
+                )?;
+            }
+        }
         writeln!(
             out,
             "{:<26} {:<10} {:>12} {:>12} {:>8} {:>8} {:>6} {:>12} {:>12}  TAIL",

@@ -11,7 +11,8 @@ use std::time::Duration;
 use super::CliError;
 use crate::wal::format::{
     decode_payload, parse_segment_file_name, CheckpointPayload, CommitPayload, HeaderError,
-    RecordType, RecordView, SegmentHeader, FORMAT_VERSION, SEGMENT_HEADER_SIZE_BYTES,
+    RecordType, RecordView, SegmentHeader, FORMAT_VERSION, OLDEST_READ_FORMAT_VERSION,
+    SEGMENT_HEADER_SIZE_BYTES,
 };
 use crate::wal::{inspect_with, Inspection, Lsn, PendingEntry, ARCHIVE_DIR_NAME, LOCK_FILE_NAME};
 
@@ -109,7 +110,7 @@ pub(super) fn open_dir(dir: &Path) -> Result<WalDir, CliError> {
         let header = read_header(&path)?;
         if let Err(HeaderError::UnsupportedVersion { found }) = &header {
             return Err(CliError::cannot(format!(
-                "{}: WAL format version {found} is not supported by this wal-inspect (it reads version {FORMAT_VERSION}); use the wal-inspect of the settlement release that wrote this WAL",
+                "{}: WAL format version {found} is not supported by this wal-inspect (it reads versions {OLDEST_READ_FORMAT_VERSION} to {FORMAT_VERSION}); use the wal-inspect of the settlement release that wrote this WAL",
                 path.display()
             )));
         }

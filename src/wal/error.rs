@@ -70,15 +70,30 @@ pub enum WalError {
     },
     /// A segment written by a newer (or unknown) format version.
     #[error(
-        "{path}: WAL format version {found} is not supported by this build (it reads version {supported}); use a matching settlement-wal release"
+        "{path}: WAL format version {found} is not supported by this build (it reads versions 1 to {supported}); use a matching settlement-wal release"
     )]
     UnsupportedVersion {
         /// The segment file.
         path: PathBuf,
         /// The version found in its header.
         found: u32,
-        /// The version this build reads.
+        /// The newest version this build reads (it reads every version from 1 up to this).
         supported: u32,
+    },
+    /// A segment whose header carries another WAL's `wal_id` than the rest of the directory:
+    /// a file of another WAL was copied or restored into this directory.
+    #[error(
+        "{path} belongs to another WAL: its header says wal_id {found_wal_id:#018x}, but {reference} (the oldest segment with an identity) says wal_id {expected_wal_id:#018x}; nothing was changed on disk: move the file that does not belong to this WAL out of the directory (`wal-inspect summary` prints each segment's wal_id), then open it again"
+    )]
+    ForeignSegment {
+        /// The segment that does not match.
+        path: PathBuf,
+        /// The `wal_id` in its header.
+        found_wal_id: u64,
+        /// The segment the directory's `wal_id` was taken from.
+        reference: PathBuf,
+        /// The `wal_id` of the directory (of `reference`).
+        expected_wal_id: u64,
     },
     /// The WAL is damaged somewhere other than a repairable torn tail.
     #[error(

@@ -27,8 +27,12 @@ pub type Lsn = u64;
 
 /// Magic bytes at offset 0 of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SWALSEG\0";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes (version 2: the segment header carries the WAL's
+/// identity, [`WalIdentity`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build still reads. Version 1 segments (no identity) open and
+/// read; new segments are always written as [`FORMAT_VERSION`].
+pub const OLDEST_READ_FORMAT_VERSION: u32 = 1;
 /// Size of the segment header; the first record starts here.
 pub const SEGMENT_HEADER_SIZE_BYTES: usize = 64;
 /// Size of a record header.
@@ -61,6 +65,12 @@ const SH_HEADER_SIZE: usize = 12;
 const SH_FIRST_LSN: usize = 16;
 const SH_SALT: usize = 24;
 const SH_SEGMENT_SIZE: usize = 32;
+/// Version 2: the WAL's random id (bytes 40..48; reserved zero in version 1).
+const SH_WAL_ID: usize = 40;
+/// Version 2: the owner id (bytes 48..56; reserved zero in version 1).
+const SH_OWNER_ID: usize = 48;
+/// Reserved zero bytes: 56..60 in version 2, 40..60 in version 1.
+const SH_RESERVED_V2: usize = 56;
 const SH_CRC: usize = 60;
 
 // Record header field offsets.
@@ -185,15 +195,33 @@ pub fn decode_payload<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T,
     Ok(value)
 }
 
+/// Who a WAL is (format version 2, segment header bytes 40..56): `wal_id` is random and the same
+/// in every segment of one WAL, so a segment of another WAL copied into the directory is refused
+/// at open; `owner_id` is an opaque id of the store this WAL belongs to, set by the application
+/// (0 = not bound), and may change from one segment to a later one ([`crate::wal::Wal::rebind`]):
+/// the newest segment's value is the current one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WalIdentity {
+    /// Random, never 0, the same in every segment of one WAL.
+    pub wal_id: u64,
+    /// The store this WAL belongs to, as the application defines it; 0 = not bound.
+    pub owner_id: u64,
+}
+
 /// The decoded segment header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentHeader {
+    /// Format version of this segment: [`FORMAT_VERSION`] for every segment this build creates,
+    /// [`OLDEST_READ_FORMAT_VERSION`] (1) for an older one, which has no identity.
+    pub version: u32,
     /// LSN of the first record this segment holds (or will hold).
     pub first_lsn: Lsn,
     /// Random per-segment value mixed into every record checksum.
     pub salt: u64,
     /// File size at creation (the file is preallocated to exactly this).
     pub segment_size_bytes: u64,
+    /// The WAL's identity: `Some` exactly for version 2 segments.
+    pub identity: Option<WalIdentity>,
 }
 
 /// Why a segment header was rejected.
@@ -235,7 +263,7 @@ impl std::fmt::Display for HeaderError {
             HeaderError::BadMagic => write!(f, "bad magic (not a settlement-wal segment)"),
             HeaderError::UnsupportedVersion { found } => write!(
                 f,
-                "format version {found} is not supported (this build reads version {FORMAT_VERSION})"
+                "format version {found} is not supported (this build reads versions {OLDEST_READ_FORMAT_VERSION} to {FORMAT_VERSION})"
             ),
             HeaderError::ChecksumMismatch { stored, computed } => write!(
                 f,
@@ -247,23 +275,69 @@ impl std::fmt::Display for HeaderError {
 }
 
 impl SegmentHeader {
-    /// Encodes the header into exactly [`SEGMENT_HEADER_SIZE_BYTES`] bytes.
+    /// A header of the current format version ([`FORMAT_VERSION`]) carrying `identity`.
+    pub fn new(
+        first_lsn: Lsn,
+        salt: u64,
+        segment_size_bytes: u64,
+        identity: WalIdentity,
+    ) -> SegmentHeader {
+        assert!(identity.wal_id != 0, "a wal_id is never 0");
+        SegmentHeader {
+            version: FORMAT_VERSION,
+            first_lsn,
+            salt,
+            segment_size_bytes,
+            identity: Some(identity),
+        }
+    }
+
+    /// A version 1 header (no identity), as older builds wrote it. This build never creates
+    /// one; tests and tools use it to build old segments.
+    pub fn v1(first_lsn: Lsn, salt: u64, segment_size_bytes: u64) -> SegmentHeader {
+        SegmentHeader {
+            version: OLDEST_READ_FORMAT_VERSION,
+            first_lsn,
+            salt,
+            segment_size_bytes,
+            identity: None,
+        }
+    }
+
+    /// Encodes the header into exactly [`SEGMENT_HEADER_SIZE_BYTES`] bytes, in its own version's
+    /// layout.
+    ///
+    /// # Panics
+    /// When the version and the identity disagree (a version 2 header needs an identity with a
+    /// non-zero `wal_id`; a version 1 header has none) or the version is not one this build
+    /// knows.
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_SIZE_BYTES] {
         let mut b = [0u8; SEGMENT_HEADER_SIZE_BYTES];
         b[SH_MAGIC..SH_MAGIC + 8].copy_from_slice(&SEGMENT_MAGIC);
-        b[SH_VERSION..SH_VERSION + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[SH_VERSION..SH_VERSION + 4].copy_from_slice(&self.version.to_le_bytes());
         b[SH_HEADER_SIZE..SH_HEADER_SIZE + 4]
             .copy_from_slice(&(SEGMENT_HEADER_SIZE_BYTES as u32).to_le_bytes());
         b[SH_FIRST_LSN..SH_FIRST_LSN + 8].copy_from_slice(&self.first_lsn.to_le_bytes());
         b[SH_SALT..SH_SALT + 8].copy_from_slice(&self.salt.to_le_bytes());
         b[SH_SEGMENT_SIZE..SH_SEGMENT_SIZE + 8]
             .copy_from_slice(&self.segment_size_bytes.to_le_bytes());
+        match (self.version, self.identity) {
+            (1, None) => {}
+            (2, Some(id)) => {
+                assert!(id.wal_id != 0, "a version 2 header needs a non-zero wal_id");
+                b[SH_WAL_ID..SH_WAL_ID + 8].copy_from_slice(&id.wal_id.to_le_bytes());
+                b[SH_OWNER_ID..SH_OWNER_ID + 8].copy_from_slice(&id.owner_id.to_le_bytes());
+            }
+            (version, identity) => panic!(
+                "cannot encode a version {version} segment header with identity {identity:?}"
+            ),
+        }
         let crc = crc32fast::hash(&b[..SH_CRC]);
         b[SH_CRC..SH_CRC + 4].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
-    /// Decodes and verifies a header from the start of `bytes`.
+    /// Decodes and verifies a header (version 1 or 2) from the start of `bytes`.
     pub fn decode(bytes: &[u8]) -> Result<SegmentHeader, HeaderError> {
         if bytes.len() < SEGMENT_HEADER_SIZE_BYTES {
             // A short file that starts with our magic is a truncated segment; anything else is foreign.
@@ -289,7 +363,7 @@ impl SegmentHeader {
             return Err(HeaderError::ChecksumMismatch { stored, computed });
         }
         let version = read_u32(b, SH_VERSION);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READ_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(HeaderError::UnsupportedVersion { found: version });
         }
         let header_size = read_u32(b, SH_HEADER_SIZE) as usize;
@@ -306,15 +380,40 @@ impl SegmentHeader {
                 reason: format!("segment size {segment_size_bytes} bytes is out of range"),
             });
         }
-        if b[40..SH_CRC].iter().any(|&x| x != 0) {
-            return Err(HeaderError::BadField {
-                reason: "reserved bytes 40..60 are not zero".into(),
-            });
-        }
+        let identity = if version == 1 {
+            if b[SH_WAL_ID..SH_CRC].iter().any(|&x| x != 0) {
+                return Err(HeaderError::BadField {
+                    reason: format!(
+                        "reserved bytes {SH_WAL_ID}..{SH_CRC} of a version 1 header are not zero"
+                    ),
+                });
+            }
+            None
+        } else {
+            if b[SH_RESERVED_V2..SH_CRC].iter().any(|&x| x != 0) {
+                return Err(HeaderError::BadField {
+                    reason: format!("reserved bytes {SH_RESERVED_V2}..{SH_CRC} are not zero"),
+                });
+            }
+            let wal_id = read_u64(b, SH_WAL_ID);
+            if wal_id == 0 {
+                return Err(HeaderError::BadField {
+                    reason: format!(
+                        "wal_id (bytes {SH_WAL_ID}..{SH_OWNER_ID}) is 0 in a version 2 header"
+                    ),
+                });
+            }
+            Some(WalIdentity {
+                wal_id,
+                owner_id: read_u64(b, SH_OWNER_ID),
+            })
+        };
         Ok(SegmentHeader {
+            version,
             first_lsn: read_u64(b, SH_FIRST_LSN),
             salt: read_u64(b, SH_SALT),
             segment_size_bytes,
+            identity,
         })
     }
 

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use super::format::{
     decode_payload, decode_record, record_size, CheckpointPayload, CommitPayload, Decoded,
-    SegmentHeader, MAX_PAYLOAD_SIZE_BYTES, MIN_SEGMENT_SIZE_BYTES, RECORD_ALIGNMENT_BYTES,
-    SEGMENT_HEADER_SIZE_BYTES,
+    SegmentHeader, WalIdentity, MAX_PAYLOAD_SIZE_BYTES, MIN_SEGMENT_SIZE_BYTES,
+    RECORD_ALIGNMENT_BYTES, SEGMENT_HEADER_SIZE_BYTES,
 };
 use super::{inspect, TailState, Wal, WalError, WalOptions};
 
@@ -18,11 +18,15 @@ pub fn decode_arbitrary(data: &[u8]) {
     let salt = data
         .get(..8)
         .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-    let hasher = SegmentHeader {
-        first_lsn: 1,
+    let hasher = SegmentHeader::new(
+        1,
         salt,
-        segment_size_bytes: MIN_SEGMENT_SIZE_BYTES,
-    }
+        MIN_SEGMENT_SIZE_BYTES,
+        WalIdentity {
+            wal_id: 1,
+            owner_id: 0,
+        },
+    )
     .record_hasher();
     let mut offset = 0;
     while offset <= data.len() {
@@ -59,13 +63,13 @@ pub fn scan_arbitrary_segment(data: &[u8], scratch: &Path) {
             .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
         let body = rest.get(8..).unwrap_or(&[]);
         let size = MIN_SEGMENT_SIZE_BYTES as usize;
-        let mut bytes = SegmentHeader {
-            first_lsn: 1,
-            salt,
-            segment_size_bytes: size as u64,
-        }
-        .encode()
-        .to_vec();
+        let identity = WalIdentity {
+            wal_id: salt | 1,
+            owner_id: 0,
+        };
+        let mut bytes = SegmentHeader::new(1, salt, size as u64, identity)
+            .encode()
+            .to_vec();
         let take = body.len().min(size - SEGMENT_HEADER_SIZE_BYTES);
         bytes.extend_from_slice(&body[..take]);
         bytes.resize(size, 0);

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::error::{Result, WalError};
-use super::format::{Lsn, RecordType, RecordView};
+use super::format::{Lsn, RecordType, RecordView, WalIdentity};
 use super::fs::OsFs;
 use super::scan::{self, TailState};
 use super::segment::Segment;
@@ -36,8 +36,13 @@ pub struct SegmentInfo {
     pub used_bytes: u64,
     /// File size on disk.
     pub file_size_bytes: u64,
-    /// How the segment's log ends (for a bad header: `Corrupt` at offset 0).
+    /// How the segment's log ends (for a bad header, or a `wal_id` of another WAL: `Corrupt`
+    /// at offset 0).
     pub tail: TailState,
+    /// The header's format version (`None` when the header could not be read).
+    pub format_version: Option<u32>,
+    /// The header's identity (`None` for a format version 1 segment or an unreadable header).
+    pub identity: Option<WalIdentity>,
 }
 
 /// A read-only view of a whole WAL directory.
@@ -56,6 +61,10 @@ pub struct Inspection {
     pub pending: Vec<Lsn>,
     /// The LSN after the consistent prefix.
     pub next_lsn: Lsn,
+    /// The WAL's identity: the `wal_id` of its segments and the owner of the newest segment
+    /// with an identity (`None` when every readable segment is format version 1). A segment
+    /// with another `wal_id` is reported as a problem and does not count here.
+    pub identity: Option<WalIdentity>,
 }
 
 impl Inspection {
@@ -96,6 +105,9 @@ pub fn inspect_with(
     let mut segments = Vec::with_capacity(count);
     let mut problem: Option<(PathBuf, TailState)> = None;
     let mut next_lsn: Option<Lsn> = None;
+    // The first segment with an identity, and its wal_id: every later one must match it.
+    let mut reference: Option<(PathBuf, u64)> = None;
+    let mut identity: Option<WalIdentity> = None;
     for (i, (first_lsn, path)) in listing.segments.iter().enumerate() {
         let is_newest = i + 1 == count;
         let file_size_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -107,6 +119,8 @@ pub fn inspect_with(
             used_bytes: 0,
             file_size_bytes,
             tail: TailState::Clean,
+            format_version: None,
+            identity: None,
         };
         let seg = match Segment::open(&OsFs, path, *first_lsn, false) {
             Ok(seg) => seg,
@@ -123,6 +137,31 @@ pub fn inspect_with(
                 continue;
             }
         };
+        info.format_version = Some(seg.header.version);
+        info.identity = seg.header.identity;
+        if let Some(id) = seg.header.identity {
+            match &reference {
+                Some((ref_path, ref_id)) if *ref_id != id.wal_id => {
+                    info.tail = TailState::Corrupt {
+                        offset: 0,
+                        expected_lsn: next_lsn.unwrap_or(*first_lsn),
+                        reason: WalError::ForeignSegment {
+                            path: path.clone(),
+                            found_wal_id: id.wal_id,
+                            reference: ref_path.clone(),
+                            expected_wal_id: *ref_id,
+                        }
+                        .to_string(),
+                    };
+                    problem.get_or_insert((path.clone(), info.tail.clone()));
+                    segments.push(info);
+                    continue;
+                }
+                Some(_) => {}
+                None => reference = Some((path.clone(), id.wal_id)),
+            }
+            identity = Some(id);
+        }
         let consistent = problem.is_none();
         if consistent {
             if let Some(expected) = next_lsn {
@@ -175,5 +214,6 @@ pub fn inspect_with(
         committed_watermark: tracker.watermark(next_lsn),
         pending: tracker.pending().map(|(lsn, _, _)| lsn).collect(),
         next_lsn,
+        identity,
     })
 }

@@ -13,6 +13,9 @@
 //!   lost marker only causes a harmless re-verification at recovery).
 //! - [`Wal::pending`] yields the entries without a marker, in LSN order.
 //! - [`Wal::checkpoint`] removes (or archives) segments whose entries are all committed.
+//! - [`Wal::identity`] / [`Wal::rebind`]: every segment carries the WAL's random `wal_id` and
+//!   the `owner_id` of the store it belongs to ([`WalIdentity`], format version 2); a segment of
+//!   another WAL is refused at open ([`WalError::ForeignSegment`]).
 //! - [`inspect`] is the read-only view for tools: no lock, no repair, works on a corrupt WAL.
 //!
 //! ```no_run
@@ -53,7 +56,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 pub use error::{Result, WalError};
-pub use format::{Lsn, RecordType, MAX_PAYLOAD_SIZE_BYTES};
+pub use format::{Lsn, RecordType, WalIdentity, MAX_PAYLOAD_SIZE_BYTES};
 pub use fs::{OsFs, WalFs};
 pub use inspect::{inspect, inspect_with, Inspection, RecordCounts, SegmentInfo};
 pub use scan::{TailState, ARCHIVE_DIR_NAME, LOCK_FILE_NAME, SCAN_CHUNK_BYTES};
@@ -105,6 +108,7 @@ pub struct WalOptions {
     first_lsn: Lsn,
     group_commit_wait_us: u64,
     retention: Retention,
+    identity: Option<WalIdentity>,
     fs: Arc<dyn WalFs>,
 }
 
@@ -115,6 +119,7 @@ impl Default for WalOptions {
             first_lsn: 1,
             group_commit_wait_us: DEFAULT_GROUP_COMMIT_WAIT_US,
             retention: Retention::Delete,
+            identity: None,
             fs: Arc::new(OsFs),
         }
     }
@@ -149,6 +154,16 @@ impl WalOptions {
         self
     }
 
+    /// The identity written into new segments when the directory holds no identity yet (a new
+    /// directory, or one with only format version 1 segments); ignored when it holds one (the
+    /// directory's identity wins: compare [`Wal::identity`] after open, and use
+    /// [`Wal::rebind`] to change the owner). Without it, such a directory gets a random
+    /// `wal_id` and `owner_id` 0 (not bound). `wal_id` must not be 0.
+    pub fn identity(mut self, identity: WalIdentity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
     /// The file-system layer (tests inject faults through it).
     pub fn fs(mut self, fs: Arc<dyn WalFs>) -> Self {
         self.fs = fs;
@@ -156,6 +171,11 @@ impl WalOptions {
     }
 
     fn validate(&self) -> Result<()> {
+        if self.identity.is_some_and(|id| id.wal_id == 0) {
+            return Err(WalError::InvalidOptions(
+                "identity: wal_id 0 is reserved (it marks a segment without identity); use a random non-zero id".into(),
+            ));
+        }
         let s = self.segment_size_bytes;
         if !(MIN_SEGMENT_SIZE_BYTES..=MAX_SEGMENT_SIZE_BYTES).contains(&s)
             || s % RECORD_ALIGNMENT_BYTES as u64 != 0
@@ -247,6 +267,12 @@ struct State {
     next_lsn: Lsn,
     tracker: Tracker,
     failed: Option<String>,
+    /// The identity of the newest segment that carries one (`None` while every segment is a
+    /// format version 1 segment).
+    identity: Option<WalIdentity>,
+    /// What the next new segment carries: `identity` when there is one, otherwise the
+    /// options' identity or a random `wal_id` chosen at open.
+    next_segment_identity: WalIdentity,
 }
 
 /// An open, writable write-ahead log. `Send + Sync`: share it with an `Arc`.
@@ -308,6 +334,11 @@ impl Wal {
             // Read-only first: a failed open must not change a single byte on disk.
             segments.push(Arc::new(Segment::open(&*fs, path, *first_lsn, false)?));
         }
+        let mut identity = directory_identity(&segments)?;
+        let next_segment_identity = identity.or(options.identity).unwrap_or(WalIdentity {
+            wal_id: segment::random_wal_id(),
+            owner_id: 0,
+        });
         let mut tracker = Tracker::default();
         let mut write_offset = SEGMENT_HEADER_SIZE_BYTES;
         let mut next_lsn: Lsn = options.first_lsn;
@@ -393,7 +424,9 @@ impl Wal {
                 dir,
                 next_lsn,
                 options.segment_size_bytes,
+                next_segment_identity,
             )?));
+            identity = Some(next_segment_identity);
         }
         report.segments = listing.segments.len();
         report.record_bytes = record_bytes;
@@ -416,6 +449,8 @@ impl Wal {
                 next_lsn,
                 tracker,
                 failed: None,
+                identity,
+                next_segment_identity,
             }),
             barrier: SyncBarrier::new(last, gather_wait),
             prefaulter: std::sync::OnceLock::new(),
@@ -438,6 +473,49 @@ impl Wal {
     /// What the recovery scan at open found and did.
     pub fn open_report(&self) -> &OpenReport {
         &self.report
+    }
+
+    /// The identity of the newest segment that carries one: after open, what the directory
+    /// says (the owner of its newest format version 2 segment); for a new directory, the
+    /// options' identity (or the random one chosen). `None` while the directory holds only
+    /// format version 1 segments: the first new segment (a roll, or [`Wal::rebind`]) gets the
+    /// options' identity or a random one.
+    pub fn identity(&self) -> Option<WalIdentity> {
+        self.state.lock().identity
+    }
+
+    /// Binds this WAL to the store `owner_id`: seals the active segment (syncing what it holds)
+    /// and starts a new segment with the same `wal_id` and the new `owner_id`, file and directory
+    /// fsynced before it returns. Later segments carry the new owner; older ones keep theirs
+    /// (the newest wins at open). A no-op when the newest segment already carries `owner_id`.
+    /// An active segment without records is replaced by the new one instead of being sealed
+    /// empty (same first LSN, so it has the same file name).
+    pub fn rebind(&self, owner_id: u64) -> Result<WalIdentity> {
+        let mut st = self.state.lock();
+        if let Some(cause) = &st.failed {
+            return Err(WalError::Failed {
+                cause: cause.clone(),
+            });
+        }
+        if let Some(current) = st.identity.filter(|id| id.owner_id == owner_id) {
+            let active = st.segments.last().expect("an active segment");
+            if active.header.identity == Some(current) {
+                return Ok(current);
+            }
+        }
+        let identity = WalIdentity {
+            wal_id: st.next_segment_identity.wal_id,
+            owner_id,
+        };
+        self.roll_with(&mut st, identity)?;
+        assert_eq!(
+            st.identity,
+            Some(identity),
+            "a roll publishes the new identity"
+        );
+        tracing::info!(dir = %self.dir.display(), wal_id = identity.wal_id, owner_id,
+            "WAL bound to a new owner");
+        Ok(identity)
     }
 
     /// LSN of the last record appended (0 when the WAL has never held one).
@@ -829,8 +907,19 @@ impl Wal {
     }
 
     /// Seals the active segment (syncing what it holds, so only the newest segment can ever have
-    /// a torn tail) and starts a new one at the next LSN.
+    /// a torn tail) and starts a new one at the next LSN, with the WAL's current identity.
     fn roll(&self, st: &mut State) -> Result<()> {
+        let identity = st.next_segment_identity;
+        self.roll_with(st, identity)
+    }
+
+    /// [`Wal::roll`] to a segment carrying `identity` (its `wal_id` is the WAL's). An active
+    /// segment without records is replaced (the new one has the same first LSN and name).
+    fn roll_with(&self, st: &mut State, identity: WalIdentity) -> Result<()> {
+        assert_eq!(
+            identity.wal_id, st.next_segment_identity.wal_id,
+            "every new segment of one WAL carries its wal_id"
+        );
         let active = st.segments.last().expect("an active segment").clone();
         if st.write_offset > st.sync_from {
             if let Err(e) = active.sync_appended(&*self.options.fs, st.sync_from, st.write_offset) {
@@ -845,8 +934,16 @@ impl Wal {
             &self.dir,
             st.next_lsn,
             self.options.segment_size_bytes,
+            identity,
         )?;
+        if active.header.first_lsn == st.next_lsn {
+            // No record in the active segment: the new file replaced it under the same name.
+            assert_eq!(st.write_offset, SEGMENT_HEADER_SIZE_BYTES);
+            st.segments.pop();
+        }
         st.segments.push(Arc::new(seg));
+        st.identity = Some(identity);
+        st.next_segment_identity = identity;
         st.write_offset = SEGMENT_HEADER_SIZE_BYTES;
         st.sync_from = SEGMENT_HEADER_SIZE_BYTES;
         st.prefaulted_to = SEGMENT_HEADER_SIZE_BYTES;
@@ -961,6 +1058,34 @@ struct BatchMark {
     sync_from: usize,
     prefaulted_to: usize,
     next_lsn: Lsn,
+}
+
+/// The identity of a directory's segments (oldest first): every segment with an identity
+/// (format version 2) carries the same `wal_id`, or the first one that does not is a
+/// [`WalError::ForeignSegment`]; the owner is the newest segment's. `None` when no segment has
+/// an identity (only version 1 segments, or none).
+fn directory_identity(segments: &[Arc<Segment>]) -> Result<Option<WalIdentity>> {
+    let mut reference: Option<&Segment> = None;
+    let mut newest = None;
+    for seg in segments {
+        let Some(id) = seg.header.identity else {
+            continue;
+        };
+        match reference.and_then(|r| r.header.identity.map(|rid| (r, rid))) {
+            Some((r, rid)) if rid.wal_id != id.wal_id => {
+                return Err(WalError::ForeignSegment {
+                    path: seg.path.clone(),
+                    found_wal_id: id.wal_id,
+                    reference: r.path.clone(),
+                    expected_wal_id: rid.wal_id,
+                })
+            }
+            Some(_) => {}
+            None => reference = Some(seg),
+        }
+        newest = Some(id);
+    }
+    Ok(newest)
 }
 
 fn find_segment(segments: &[Arc<Segment>], first_lsn: Lsn) -> Option<&Arc<Segment>> {

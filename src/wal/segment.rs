@@ -12,7 +12,8 @@ use memmap2::{Advice, MmapOptions, MmapRaw, UncheckedAdvice};
 
 use super::error::{Result, WalError};
 use super::format::{
-    segment_file_name, HeaderError, Lsn, SegmentHeader, FORMAT_VERSION, SEGMENT_HEADER_SIZE_BYTES,
+    segment_file_name, HeaderError, Lsn, SegmentHeader, WalIdentity, FORMAT_VERSION,
+    SEGMENT_HEADER_SIZE_BYTES,
 };
 use super::fs::{read_exact_at, write_all_at, WalFs};
 
@@ -32,7 +33,7 @@ pub(crate) struct Segment {
 }
 
 /// A fresh random salt for a new segment (std's per-process random keys, mixed with time and pid).
-fn random_salt() -> u64 {
+pub(crate) fn random_salt() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -43,15 +44,30 @@ fn random_salt() -> u64 {
     h.finish()
 }
 
+/// A fresh random, non-zero `wal_id` for a new WAL.
+pub(crate) fn random_wal_id() -> u64 {
+    // A zero draw (one in 2^64) takes another; the bound keeps the loop finite even against a
+    // broken hasher.
+    for _ in 0..64 {
+        let id = random_salt();
+        if id != 0 {
+            return id;
+        }
+    }
+    1
+}
+
 impl Segment {
-    /// Creates the segment that starts at `first_lsn`: a temporary file is preallocated, its header
-    /// written and synced, then it is renamed into place and the directory is synced, so a segment
-    /// file under its final name always has a durable header.
+    /// Creates the segment that starts at `first_lsn` (format version 2, carrying `identity`): a
+    /// temporary file is preallocated, its header written and synced, then it is renamed into
+    /// place and the directory is synced, so a segment file under its final name always has a
+    /// durable header.
     pub(crate) fn create(
         fs: &dyn WalFs,
         dir: &Path,
         first_lsn: Lsn,
         segment_size_bytes: u64,
+        identity: WalIdentity,
     ) -> Result<Segment> {
         let path = dir.join(segment_file_name(first_lsn));
         let tmp = dir.join(format!("{}.tmp", segment_file_name(first_lsn)));
@@ -62,11 +78,7 @@ impl Segment {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| WalError::io("creating segment", &tmp, e))?;
-        let header = SegmentHeader {
-            first_lsn,
-            salt: random_salt(),
-            segment_size_bytes,
-        };
+        let header = SegmentHeader::new(first_lsn, random_salt(), segment_size_bytes, identity);
         let result = (|| {
             fs.allocate(&file, &tmp, segment_size_bytes)
                 .map_err(|e| WalError::io("preallocating segment", &tmp, e))?;
@@ -321,7 +333,11 @@ mod tests {
     fn released_pages_keep_their_bytes_through_sync_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let size_bytes = 1 << 20;
-        let seg = Segment::create(&OsFs, dir.path(), 1, size_bytes).unwrap();
+        let identity = WalIdentity {
+            wal_id: 7,
+            owner_id: 0,
+        };
+        let seg = Segment::create(&OsFs, dir.path(), 1, size_bytes, identity).unwrap();
         let from = SEGMENT_HEADER_SIZE_BYTES;
         let to = from + 5 * 4096 + 1000; // five whole pages and a partial one
         let pattern: Vec<u8> = (0..to - from).map(|i| (i % 251) as u8 + 1).collect();
