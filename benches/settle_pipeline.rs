@@ -61,8 +61,8 @@ use settlement_wal::ingest::source_channel;
 use settlement_wal::ledger::conformance::trade_entry;
 use settlement_wal::ledger::cql::CqlLedger;
 use settlement_wal::ledger::{
-    BalanceKey, BalanceRow, EntryWrites, EventKey, EventRow, Ledger, LedgerError, MovementRow,
-    StoreUrl, TradeRow,
+    BalanceKey, BalanceRow, Claim, EntryWrites, EventKey, EventRow, HighWaterRow, HoleRow, Ledger,
+    LedgerError, MovementRow, RejectionRow, StoreIdentity, StoreUrl, TradeRow,
 };
 use settlement_wal::settle::entry::{BalanceCache, SettlementEntry};
 use settlement_wal::settle::event::parse_event;
@@ -230,6 +230,31 @@ impl Ledger for InstantLedger {
     async fn scan_movements(&self) -> Result<Vec<MovementRow>, LedgerError> {
         Ok(Vec::new())
     }
+    async fn event_lsns(&self, keys: &[EventKey]) -> Result<Vec<Option<Lsn>>, LedgerError> {
+        Ok(vec![None; keys.len()])
+    }
+    async fn scan_rejections(&self) -> Result<Vec<RejectionRow>, LedgerError> {
+        Ok(Vec::new())
+    }
+    async fn open_holes(&self) -> Result<Vec<HoleRow>, LedgerError> {
+        Ok(Vec::new())
+    }
+    async fn high_water(&self) -> Result<Option<HighWaterRow>, LedgerError> {
+        Ok(None)
+    }
+    async fn trade_sequences(&self, ids: &[u64]) -> Result<Vec<Option<u64>>, LedgerError> {
+        Ok(vec![None; ids.len()])
+    }
+    async fn identity(&self) -> Result<Option<StoreIdentity>, LedgerError> {
+        Ok(None)
+    }
+    async fn claim(
+        &self,
+        _expected_epoch: Option<u64>,
+        _new: StoreIdentity,
+    ) -> Result<Claim, LedgerError> {
+        Ok(Claim::Won)
+    }
     fn describe(&self) -> String {
         "instant-ack (bench)".into()
     }
@@ -332,6 +357,31 @@ impl Ledger for CountingLedger {
     }
     async fn scan_movements(&self) -> Result<Vec<MovementRow>, LedgerError> {
         self.inner.scan_movements().await
+    }
+    async fn scan_rejections(&self) -> Result<Vec<RejectionRow>, LedgerError> {
+        self.inner.scan_rejections().await
+    }
+    async fn open_holes(&self) -> Result<Vec<HoleRow>, LedgerError> {
+        self.inner.open_holes().await
+    }
+    async fn high_water(&self) -> Result<Option<HighWaterRow>, LedgerError> {
+        self.inner.high_water().await
+    }
+    async fn trade_sequences(&self, ids: &[u64]) -> Result<Vec<Option<u64>>, LedgerError> {
+        self.inner.trade_sequences(ids).await
+    }
+    async fn identity(&self) -> Result<Option<StoreIdentity>, LedgerError> {
+        self.inner.identity().await
+    }
+    async fn claim(
+        &self,
+        expected_epoch: Option<u64>,
+        new: StoreIdentity,
+    ) -> Result<Claim, LedgerError> {
+        self.inner.claim(expected_epoch, new).await
+    }
+    fn set_write_epoch(&self, epoch: u64) {
+        self.inner.set_write_epoch(epoch)
     }
     fn describe(&self) -> String {
         self.inner.describe()
@@ -586,6 +636,7 @@ async fn pipeline_run(
             wal_dir: wal_dir.to_path_buf(),
             segment_size_bytes: DEFAULT_SEGMENT_SIZE_BYTES,
             accept_divergence: false,
+            ..SettlementOptions::new(wal_dir.to_path_buf())
         },
     )
     .await
@@ -845,7 +896,7 @@ async fn stage_profile(lines: &[String]) {
     let t = Instant::now();
     let mut rows = 0usize;
     for batch in batches {
-        rows += settlement_wal::settle::pipeline::coalesce(batch)
+        rows += settlement_wal::settle::pipeline::coalesce(batch, &[])
             .iter()
             .map(EntryWrites::row_count)
             .sum::<usize>();

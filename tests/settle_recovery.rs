@@ -52,6 +52,7 @@ fn options(dir: &Path) -> SettlementOptions {
         wal_dir: dir.to_path_buf(),
         segment_size_bytes: 256 * 1024,
         accept_divergence: false,
+        ..SettlementOptions::new(dir.to_path_buf())
     }
 }
 
@@ -97,10 +98,13 @@ async fn recovery_classifies_each_entry_and_resends_only_what_is_missing() {
     // The trade's user 1 USDT row is superseded by entry 4: never re-sent.
     assert!(plans[2]
         .resend
-        .balances
         .iter()
+        .flat_map(|w| &w.balances)
         .all(|b| b.key != BalanceKey::new(1, "USDT")));
-    assert!(plans[2].resend.event.is_none(), "the trade row exists");
+    assert!(
+        plans[2].resend.iter().all(|w| w.event.is_none()),
+        "the trade row exists"
+    );
 
     let settlement = Settlement::open(ledger.clone(), &options(&wal_dir))
         .await
@@ -388,10 +392,18 @@ async fn recover_killed_run(
         );
         assert_eq!(
             report.resent_rows,
-            plans.iter().map(|p| p.resend.row_count()).sum::<usize>()
+            plans
+                .iter()
+                .flat_map(|p| &p.resend)
+                .map(|w| w.row_count())
+                .sum::<usize>()
         );
         // Each missing event row once, each balance row (100 users x 3 assets at most) once.
-        let missing_events = plans.iter().filter(|p| p.resend.event.is_some()).count();
+        let missing_events = plans
+            .iter()
+            .flat_map(|p| &p.resend)
+            .filter(|w| w.event.is_some())
+            .count();
         assert!(report.written_rows <= missing_events + 300, "{report:?}");
     }
     assert!(report.written_rows < report.resent_rows, "{report:?}");

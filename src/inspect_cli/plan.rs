@@ -12,7 +12,6 @@ use super::report::{
 use super::source::{lock_holder, open_dir};
 use super::{CliError, Ctx, EXIT_ATTENTION, EXIT_FAILURE, EXIT_OK};
 use crate::ledger::{open_store_read_only, EntryWrites, EventRow, LedgerError, StoreUrl};
-use crate::settle::entry::SettlementEntry;
 use crate::settle::recovery::{self, EntryClass, EntryPlan, RowClass};
 use crate::wal::format::RecordType;
 use crate::wal::{Lsn, PendingEntry};

@@ -1741,15 +1741,36 @@ mod tests {
     }
 
     #[test]
-    fn every_statement_carries_its_lsn_as_timestamp() {
+    fn every_statement_carries_its_epoch_and_lsn_as_timestamp() {
         let e = crate::ledger::conformance::trade_entry(42, 7, 1, 2, [1, -1, -1, 1]);
-        for row in row_values(&[e], 0).unwrap() {
-            match row {
-                RowValues::Trade(v) => assert_eq!((v.8, v.9), (42, 42)),
-                RowValues::Balance(v) => assert_eq!((v.3, v.4), (42, 42)),
-                RowValues::Movement(_) => unreachable!(),
+        for epoch in [0, 3, MAX_EPOCH] {
+            let ts = (epoch << 40 | 42) as i64;
+            for row in row_values(std::slice::from_ref(&e), epoch).unwrap() {
+                match row {
+                    RowValues::Trade(v) => assert_eq!((v.8, v.9), (42, ts)),
+                    RowValues::Balance(v) => assert_eq!((v.3, v.4), (42, ts)),
+                    other => unreachable!("{other:?}"),
+                }
             }
         }
+        // A fenced writer's newest write loses to the new writer's oldest (P8), and every
+        // timestamp stays below wall-clock microseconds (1.69e15 is July 2023).
+        assert!(write_timestamp(4, super::super::MAX_TIMESTAMP_LSN) < write_timestamp(5, 1));
+        assert!(write_timestamp(MAX_EPOCH, super::super::MAX_TIMESTAMP_LSN) < 1_690_000_000_000_000);
+        let hw = EntryWrites {
+            lsn: 1 << 41,
+            event: Some(EventRow::HighWater(HighWaterRow {
+                lsn: 1 << 41,
+                first_sequence: 1,
+                high_sequence: 2,
+                max_trade_id: 3,
+            })),
+            balances: Vec::new(),
+        };
+        assert!(matches!(
+            row_values(&[hw], 1).unwrap_err(),
+            LedgerError::Invalid(_)
+        ));
     }
 
     /// Row writes in the pipeline's order: 1000 trades' event rows, then their balance rows.
@@ -1776,6 +1797,7 @@ mod tests {
                 RowValues::Trade(_) => 0,
                 RowValues::Movement(_) => 1,
                 RowValues::Balance(_) => 2,
+                _ => 3,
             })
             .collect()
     }

@@ -534,6 +534,13 @@ impl Wal {
         st.tracker.watermark(st.next_lsn)
     }
 
+    /// The highest LSN covered by a commit marker in the retained segments or written since
+    /// open (0 when there is none): always an entry's LSN. An application compares it with
+    /// what its store acknowledged (a store behind it lost acknowledged writes).
+    pub fn max_committed_lsn(&self) -> Lsn {
+        self.state.lock().tracker.max_commit_last()
+    }
+
     /// Counters since open.
     pub fn stats(&self) -> WalStats {
         WalStats {
@@ -660,7 +667,7 @@ impl Wal {
         })
         .expect("a commit payload always encodes");
         let marker = self.append_locked(&mut st, RecordType::Commit, &payload)?;
-        st.tracker.mark_committed(first_lsn, last_lsn);
+        st.tracker.commit_marker(first_lsn, last_lsn);
         Ok(marker)
     }
 

@@ -22,6 +22,8 @@ pub(crate) struct Tracker {
     uncommitted: usize,
     /// `(lsn, segment first LSN, offset)` of the newest entry, committed or not.
     last_entry: Option<(Lsn, Lsn, u32)>,
+    /// The highest `last_lsn` of any commit marker seen or written (0: none).
+    max_commit_last: Lsn,
 }
 
 impl Tracker {
@@ -38,6 +40,18 @@ impl Tracker {
         });
         self.uncommitted += 1;
         self.last_entry = Some((lsn, segment_first_lsn, offset));
+    }
+
+    /// Records a commit marker for `first..=last` written by this process.
+    pub(crate) fn commit_marker(&mut self, first: Lsn, last: Lsn) {
+        self.mark_committed(first, last);
+        self.max_commit_last = self.max_commit_last.max(last);
+    }
+
+    /// The highest entry LSN a commit marker in the retained segments (or written since open)
+    /// covers: an entry LSN, unlike [`Tracker::watermark`], which may be a marker's.
+    pub(crate) fn max_commit_last(&self) -> Lsn {
+        self.max_commit_last
     }
 
     /// `(lsn, segment first LSN, offset)` of the newest entry.
@@ -109,6 +123,7 @@ impl Tracker {
                     ));
                 }
                 self.mark_committed(c.first_lsn, c.last_lsn);
+                self.max_commit_last = self.max_commit_last.max(c.last_lsn);
             }
             RecordType::Checkpoint => {
                 let c: CheckpointPayload = decode_payload(r.payload)
