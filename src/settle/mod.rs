@@ -276,11 +276,21 @@ impl Settlement {
         ledger.set_write_epoch(epoch);
         let recovery = recovery::recover(&wal, &*ledger, options.accept_divergence).await?;
         // The dedup state is the store's (recovery made it complete), in O(open holes).
-        let high_water = match ledger.high_water().await? {
-            Some(hw) => Some(hw),
-            None if legacy => high_water,
-            None => None,
-        };
+        let mut high_water = ledger.high_water().await?;
+        if legacy && high_water.is_none() {
+            // Bind the legacy store for good: its high-water row, from a scan after recovery
+            // (which may have re-sent entries written before control entries existed).
+            high_water = legacy_high_water(&*ledger).await?;
+            if let Some(hw) = high_water {
+                ledger
+                    .apply(&[crate::ledger::EntryWrites {
+                        lsn: hw.lsn,
+                        event: Some(crate::ledger::EventRow::HighWater(hw)),
+                        balances: Vec::new(),
+                    }])
+                    .await?;
+            }
+        }
         let holes = ledger.open_holes().await?;
         let sequences = SequenceState::from_store(high_water, &holes, options.max_seq_jump)
             .map_err(|e| SettleError::Ledger(LedgerError::Other(format!("{store}: {e}"))))?;
