@@ -262,7 +262,11 @@ fn on_gap_halt_settles_what_came_before_and_log_counts() {
     )
     .unwrap();
     let out = run(dir.path(), input.to_str().unwrap(), &["--on-gap", "halt"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(balances(dir.path())[0]["amount"], 117);
 
     let dir = common::temp_dir();

@@ -17,8 +17,8 @@ use parking_lot::Mutex;
 use settlement_wal::ledger::sim::{Fault, SimLedger};
 use settlement_wal::ledger::{BalanceKey, Ledger};
 use settlement_wal::settle::audit::audit;
-use settlement_wal::settle::demo::{generate, DemoSpec};
 use settlement_wal::settle::control::WalPayload;
+use settlement_wal::settle::demo::{generate, DemoSpec};
 use settlement_wal::settle::{
     Message, PipelineSettings, RejectSink, Settlement, SettlementOptions,
 };

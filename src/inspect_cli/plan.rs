@@ -66,9 +66,7 @@ fn writes_text(w: &EntryWrites) -> String {
     match &w.event {
         Some(EventRow::Trade(t)) => parts.push(format!("trade {} row", t.trade_id)),
         Some(EventRow::Movement(m)) => parts.push(format!("movement {} row", m.output_sequence)),
-        Some(EventRow::Rejection(r)) => {
-            parts.push(format!("rejection {} row", r.output_sequence))
-        }
+        Some(EventRow::Rejection(r)) => parts.push(format!("rejection {} row", r.output_sequence)),
         Some(EventRow::Hole(h)) => parts.push(format!(
             "hole {}..={} row ({})",
             h.first_sequence,

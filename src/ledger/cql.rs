@@ -1674,10 +1674,7 @@ impl Ledger for CqlLedger {
                 let expected = to_i64("epoch", expected)?;
                 inner
                     .session
-                    .execute_unpaged(
-                        &inner.claim_next,
-                        (store_id, wal_id, base, epoch, expected),
-                    )
+                    .execute_unpaged(&inner.claim_next, (store_id, wal_id, base, epoch, expected))
                     .await
             }
         };
@@ -1756,7 +1753,9 @@ mod tests {
         // A fenced writer's newest write loses to the new writer's oldest (P8), and every
         // timestamp stays below wall-clock microseconds (1.69e15 is July 2023).
         assert!(write_timestamp(4, super::super::MAX_TIMESTAMP_LSN) < write_timestamp(5, 1));
-        assert!(write_timestamp(MAX_EPOCH, super::super::MAX_TIMESTAMP_LSN) < 1_690_000_000_000_000);
+        assert!(
+            write_timestamp(MAX_EPOCH, super::super::MAX_TIMESTAMP_LSN) < 1_690_000_000_000_000
+        );
         let hw = EntryWrites {
             lsn: 1 << 41,
             event: Some(EventRow::HighWater(HighWaterRow {

@@ -450,7 +450,10 @@ impl Ledger for EmbeddedLedger {
                 return Ok(Vec::new());
             };
             let mut out = Vec::new();
-            for item in t.iter().map_err(|e| store_err(path, "scan rejections", e))? {
+            for item in t
+                .iter()
+                .map_err(|e| store_err(path, "scan rejections", e))?
+            {
                 let (k, v) = item.map_err(|e| store_err(path, "scan rejections", e))?;
                 let (lsn, reason) = v.value();
                 out.push(RejectionRow {
@@ -632,22 +635,26 @@ fn read_identity(
     meta: &impl ReadableTable<&'static str, u64>,
     path: &Path,
 ) -> Result<Option<StoreIdentity>> {
-    Ok(read_four(meta, &IDENTITY_KEYS, path)?.map(|v| StoreIdentity {
-        store_id: v[0],
-        wal_id: v[1],
-        wal_lsn_base: v[2],
-        epoch: v[3],
-    }))
+    Ok(
+        read_four(meta, &IDENTITY_KEYS, path)?.map(|v| StoreIdentity {
+            store_id: v[0],
+            wal_id: v[1],
+            wal_lsn_base: v[2],
+            epoch: v[3],
+        }),
+    )
 }
 
 fn read_high_water(txn: &ReadTransaction, path: &Path) -> Result<Option<HighWaterRow>> {
     let meta = txn
         .open_table(META)
         .map_err(|e| store_err(path, "open meta", e))?;
-    Ok(read_four(&meta, &HIGH_WATER_KEYS, path)?.map(|v| HighWaterRow {
-        lsn: v[0],
-        first_sequence: v[1],
-        high_sequence: v[2],
-        max_trade_id: v[3],
-    }))
+    Ok(
+        read_four(&meta, &HIGH_WATER_KEYS, path)?.map(|v| HighWaterRow {
+            lsn: v[0],
+            first_sequence: v[1],
+            high_sequence: v[2],
+            max_trade_id: v[3],
+        }),
+    )
 }

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::{
-    validate_entries, validate_lookup, BalanceKey, BalanceRow, Claim, EntryWrites, EventRow, HighWaterRow, HoleRow,
-    EventKey, Ledger, LedgerError, MovementRow, RejectionRow, Result, StoreIdentity, TradeRow,
+    validate_entries, validate_lookup, BalanceKey, BalanceRow, Claim, EntryWrites, EventKey,
+    EventRow, HighWaterRow, HoleRow, Ledger, LedgerError, MovementRow, RejectionRow, Result,
+    StoreIdentity, TradeRow,
 };
 use crate::wal::Lsn;
 

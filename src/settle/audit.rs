@@ -1,12 +1,19 @@
-//! `settlement audit`: proves money is conserved (P7) and that every balance is exactly what the
-//! settled trades and movements in the store say, against the store alone.
+//! `settlement audit`: proves money is conserved (P7), that every balance is exactly what the
+//! settled trades and movements in the store say, and that the stream is complete (P9): every
+//! output sequence from the first to the highest is settled, rejected or an open hole, exactly
+//! once, and the high-water row matches the rows. Against the store alone, on a consistent view:
+//! the identity and high-water are read before and after the scans, and a change between them
+//! (a writer running) is reported instead of a verdict on a moving store.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
 use super::SettleError;
-use crate::ledger::{Amount, Asset, BalanceKey, Ledger, MovementKind, MAX_ASSET_LEN_BYTES};
+use crate::ledger::{
+    Amount, Asset, BalanceKey, HighWaterRow, HoleRow, Ledger, MovementKind, MovementRow,
+    RejectionRow, TradeRow, MAX_ASSET_LEN_BYTES,
+};
 use crate::wal::Lsn;
 
 /// Most problems listed in a report (the counts are always complete).
@@ -32,6 +39,14 @@ pub struct AuditReport {
     pub movements: usize,
     /// Balance rows read.
     pub balance_rows: usize,
+    /// Rejection rows read.
+    pub rejections: usize,
+    /// Open holes (runs of sequences never seen).
+    pub open_holes: usize,
+    /// Sequences in open holes.
+    pub missing_sequences: u64,
+    /// The sequences the high-water row says are accounted for, `(first, highest)`.
+    pub sequence_range: Option<(u64, u64)>,
     /// Totals per asset.
     pub assets: BTreeMap<Asset, AssetTotals>,
     /// Problems found (at most 20 listed).
@@ -58,9 +73,17 @@ impl std::fmt::Display for AuditReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "audit: {} trades, {} movements, {} balance rows",
-            self.trades, self.movements, self.balance_rows
+            "audit: {} trades, {} movements, {} balance rows, {} rejections",
+            self.trades, self.movements, self.balance_rows, self.rejections
         )?;
+        match self.sequence_range {
+            Some((first, high)) => writeln!(
+                f,
+                "sequences {first}..={high}: {} open hole(s) with {} sequence(s) not yet seen (`settlement holes` lists them)",
+                self.open_holes, self.missing_sequences
+            )?,
+            None => writeln!(f, "no sequence accounted for yet")?,
+        }
         writeln!(
             f,
             "{:<8} {:>22} {:>22} {:>22}",
@@ -74,7 +97,7 @@ impl std::fmt::Display for AuditReport {
             )?;
         }
         if self.passed() {
-            write!(f, "audit PASSED: per asset, balances = deposits - withdrawals; every balance matches its trades and movements")
+            write!(f, "audit PASSED: per asset, balances = deposits - withdrawals; every balance matches its trades and movements; every sequence is settled, rejected or an open hole exactly once")
         } else {
             writeln!(f, "audit FAILED: {} problem(s)", self.problem_count)?;
             for p in &self.problems {
@@ -96,15 +119,38 @@ impl std::fmt::Display for AuditReport {
 /// replay of every trade and movement row in LSN order that must reproduce every balance row
 /// exactly, amount and `last_lsn` (so a trade applied twice, or a lost balance write, shows).
 pub async fn audit(ledger: &dyn Ledger) -> Result<AuditReport, SettleError> {
+    let before = (ledger.identity().await?, ledger.high_water().await?);
     let balances = ledger.scan_balances().await?;
     let trades = ledger.scan_trades().await?;
     let movements = ledger.scan_movements().await?;
+    let rejections = ledger.scan_rejections().await?;
+    let holes = ledger.open_holes().await?;
+    let after = (ledger.identity().await?, ledger.high_water().await?);
     let mut report = AuditReport {
         trades: trades.len(),
         movements: movements.len(),
         balance_rows: balances.len(),
+        rejections: rejections.len(),
+        open_holes: holes.len(),
+        missing_sequences: holes
+            .iter()
+            .map(|h| h.last_sequence.saturating_sub(h.first_sequence) + 1)
+            .sum(),
         ..AuditReport::default()
     };
+    if before != after {
+        report.problem(format!(
+            "the store changed during the audit (identity and high-water before {before:?}, after {after:?}): a writer is running; stop it (or wait for it to drain) and audit again"
+        ));
+    }
+    completeness(
+        &mut report,
+        after.1,
+        &trades,
+        &movements,
+        &rejections,
+        &holes,
+    );
     for (key, row) in &balances {
         report.assets.entry(key.asset).or_default().balances += i128::from(row.amount);
     }
@@ -229,6 +275,152 @@ pub async fn audit(ledger: &dyn Ledger) -> Result<AuditReport, SettleError> {
         ));
     }
     Ok(report)
+}
+
+/// P9: every sequence from the first to the highest is in exactly one state, and the
+/// high-water row matches the rows.
+fn completeness(
+    report: &mut AuditReport,
+    high_water: Option<HighWaterRow>,
+    trades: &[TradeRow],
+    movements: &[MovementRow],
+    rejections: &[RejectionRow],
+    holes: &[HoleRow],
+) {
+    // (sequence, what holds it): every settled and rejected sequence, and every hole's range.
+    let mut states: Vec<(u64, &'static str)> =
+        Vec::with_capacity(trades.len() + movements.len() + rejections.len());
+    states.extend(trades.iter().map(|t| (t.output_sequence, "a trade")));
+    states.extend(movements.iter().map(|m| (m.output_sequence, "a movement")));
+    states.extend(
+        rejections
+            .iter()
+            .map(|r| (r.output_sequence, "a rejection")),
+    );
+    let max_row_lsn = trades
+        .iter()
+        .map(|t| t.lsn)
+        .chain(movements.iter().map(|m| m.lsn))
+        .chain(rejections.iter().map(|r| r.lsn))
+        .chain(holes.iter().map(|h| h.lsn))
+        .max();
+    let Some(hw) = high_water else {
+        if !states.is_empty() || !holes.is_empty() {
+            report.problem(
+                "no high-water row, yet the store holds settled rows: it was written before identities existed (run `settlement run --recover-only` once to bind it) or by another tool".into(),
+            );
+        }
+        return;
+    };
+    report.sequence_range = Some((hw.first_sequence, hw.high_sequence));
+    if let Some(max) = max_row_lsn.filter(|&m| m > hw.lsn) {
+        report.problem(format!(
+            "a row was written at LSN {max}, after the high-water row (LSN {}): written without its batch's control entry",
+            hw.lsn
+        ));
+    }
+    let max_trade_id = trades.iter().map(|t| t.trade_id).max().unwrap_or(0);
+    if max_trade_id > hw.max_trade_id {
+        report.problem(format!(
+            "trade_id {max_trade_id} is stored but the high-water row says the highest settled is {}",
+            hw.max_trade_id
+        ));
+    }
+    states.sort_unstable();
+    let mut holes: Vec<&HoleRow> = holes.iter().collect();
+    holes.sort_by_key(|h| h.first_sequence);
+    for h in &holes {
+        if h.first_sequence < hw.first_sequence || h.last_sequence >= hw.high_sequence {
+            report.problem(format!(
+                "open hole {}..={} is outside the accounted range {}..={}",
+                h.first_sequence, h.last_sequence, hw.first_sequence, hw.high_sequence
+            ));
+        }
+    }
+    for pair in holes.windows(2) {
+        if pair[1].first_sequence <= pair[0].last_sequence {
+            report.problem(format!(
+                "open holes {}..={} and {}..={} overlap",
+                pair[0].first_sequence,
+                pair[0].last_sequence,
+                pair[1].first_sequence,
+                pair[1].last_sequence
+            ));
+        }
+    }
+    // One walk over the range: the next state row, or the hole that covers the sequence.
+    let mut missing: Vec<u64> = Vec::new();
+    let mut missing_count = 0u64;
+    let (mut i, mut hole) = (0usize, 0usize);
+    while i < states.len() && states[i].0 < hw.first_sequence {
+        report.problem(format!(
+            "output_sequence {} ({}) is below the first accounted sequence {}",
+            states[i].0, states[i].1, hw.first_sequence
+        ));
+        i += 1;
+    }
+    let mut seq = hw.first_sequence;
+    while seq <= hw.high_sequence {
+        while hole < holes.len() && holes[hole].last_sequence < seq {
+            hole += 1;
+        }
+        let in_hole = holes
+            .get(hole)
+            .is_some_and(|h| h.first_sequence <= seq && seq <= h.last_sequence);
+        let start = i;
+        while i < states.len() && states[i].0 == seq {
+            i += 1;
+        }
+        let held: Vec<&str> = states[start..i].iter().map(|s| s.1).collect();
+        match (held.len(), in_hole) {
+            (0, true) => {
+                // The rest of the hole holds nothing: jump to its end.
+                let end = holes[hole].last_sequence;
+                let next_state = states.get(i).map_or(u64::MAX, |s| s.0);
+                if next_state > end {
+                    seq = end + 1;
+                    continue;
+                }
+            }
+            (1, false) => {}
+            (0, false) => {
+                // Nothing holds it, nor anything up to the next row or hole: count the run.
+                let next_state = states.get(i).map_or(u64::MAX, |s| s.0);
+                let next_hole = holes.get(hole).map_or(u64::MAX, |h| h.first_sequence);
+                let next = next_state
+                    .min(next_hole)
+                    .min(hw.high_sequence + 1)
+                    .max(seq + 1);
+                missing_count += next - seq;
+                if missing.len() < 5 {
+                    missing.push(seq);
+                }
+                seq = next;
+                continue;
+            }
+            (_, true) => report.problem(format!(
+                "output_sequence {seq} is an open hole but also stored as {}",
+                held.join(" and ")
+            )),
+            (_, false) => report.problem(format!(
+                "output_sequence {seq} is stored twice: as {}",
+                held.join(" and ")
+            )),
+        }
+        seq += 1;
+    }
+    if missing_count > 0 {
+        report.problem(format!(
+            "{missing_count} sequence(s) in {}..={} are neither settled, rejected nor an open hole (the first: {missing:?}): they were dropped",
+            hw.first_sequence, hw.high_sequence
+        ));
+    }
+    for s in &states[i..] {
+        report.problem(format!(
+            "output_sequence {} ({}) is above the high-water row's highest sequence {}",
+            s.0, s.1, hw.high_sequence
+        ));
+    }
 }
 
 #[cfg(test)]

@@ -26,8 +26,8 @@ use crate::wal::{Lsn, Wal, WalError, WalIdentity, WalOptions};
 pub use pipeline::{
     GapPolicy, Message, PipelineSettings, RejectSink, StartState, Summary, SOURCE_CHUNK_MESSAGES,
 };
-use sequence::SequenceState;
 pub use recovery::RecoveryReport;
+use sequence::SequenceState;
 
 /// Errors of the settlement process. Each says what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -255,7 +255,14 @@ impl Settlement {
                 owner_id: store_id,
             });
             let wal = tokio::task::block_in_place(|| Wal::open(&options.wal_dir, wal_options))?;
-            let base = check_binding(&wal, identity, high_water, &store, &dir, options.adopt_store)?;
+            let base = check_binding(
+                &wal,
+                identity,
+                high_water,
+                &store,
+                &dir,
+                options.adopt_store,
+            )?;
             if wal.identity().is_none_or(|w| w.owner_id != store_id) {
                 tokio::task::block_in_place(|| wal.rebind(store_id))?;
             }
@@ -266,12 +273,16 @@ impl Settlement {
             .identity()
             .expect("a WAL opened with an identity has one")
             .wal_id;
-        let epoch = claim_epoch(&*ledger, identity, StoreIdentity {
-            store_id,
-            wal_id,
-            wal_lsn_base,
-            epoch: 0,
-        })
+        let epoch = claim_epoch(
+            &*ledger,
+            identity,
+            StoreIdentity {
+                store_id,
+                wal_id,
+                wal_lsn_base,
+                epoch: 0,
+            },
+        )
         .await?;
         ledger.set_write_epoch(epoch);
         let recovery = recovery::recover(&wal, &*ledger, options.accept_divergence).await?;

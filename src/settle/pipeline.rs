@@ -766,7 +766,12 @@ impl Pipeline {
                     chunk.len()
                 ))));
             }
-            found.extend(chunk.iter().zip(seqs).filter_map(|(&id, s)| s.map(|s| (id, s))));
+            found.extend(
+                chunk
+                    .iter()
+                    .zip(seqs)
+                    .filter_map(|(&id, s)| s.map(|s| (id, s))),
+            );
         }
         if !ask.is_empty() {
             metrics::counter!("settlement_trade_id_lookups_total").increment(ask.len() as u64);

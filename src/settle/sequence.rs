@@ -99,8 +99,7 @@ impl SequenceState {
         max_jump: u64,
     ) -> Result<SequenceState, String> {
         let mut state = SequenceState::new(max_jump);
-        let Some(hw) = high_water.filter(|hw| hw.high_sequence > 0 || hw.first_sequence > 0)
-        else {
+        let Some(hw) = high_water.filter(|hw| hw.high_sequence > 0 || hw.first_sequence > 0) else {
             if let Some(h) = open_holes.first() {
                 return Err(format!(
                     "the store has open hole {}..={} but no high-water row",

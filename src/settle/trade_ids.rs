@@ -61,7 +61,11 @@ impl TradeIds {
             let oldest = self.order.pop_front().expect("not empty");
             self.recent.remove(&oldest);
         }
-        assert_eq!(self.order.len(), self.recent.len(), "one order entry per id");
+        assert_eq!(
+            self.order.len(),
+            self.recent.len(),
+            "one order entry per id"
+        );
     }
 }
 
@@ -83,6 +87,9 @@ mod tests {
         }
         // The oldest fell out; the store must answer for it.
         assert_eq!(ids.known(150), Err(()));
-        assert_eq!(ids.known(1000 + MIN_RECENT_TRADE_IDS as u64), Ok(Some(MIN_RECENT_TRADE_IDS as u64)));
+        assert_eq!(
+            ids.known(1000 + MIN_RECENT_TRADE_IDS as u64),
+            Ok(Some(MIN_RECENT_TRADE_IDS as u64))
+        );
     }
 }

@@ -167,7 +167,9 @@ pub fn assert_store_matches_model(store: &str, want: &Model, context: &str) -> u
 pub fn model(lines: &[String]) -> Model {
     use serde_json::Value;
     let mut m = Model::default();
-    let mut last_seq: Option<u64> = None;
+    // Dedup by what was seen (P9): a sequence is handled the first time it arrives, in
+    // whatever order; a trade id is settled once.
+    let mut seen: std::collections::BTreeSet<u64> = Default::default();
     for line in lines {
         let Ok(Value::Object(o)) = serde_json::from_str::<Value>(line) else {
             m.rejected += 1;
@@ -177,10 +179,9 @@ pub fn model(lines: &[String]) -> Model {
             m.rejected += 1;
             continue;
         };
-        if last_seq.is_some_and(|l| seq <= l) {
+        if !seen.insert(seq) {
             continue; // duplicate
         }
-        last_seq = Some(seq);
         let pos = |k: &str| o.get(k).and_then(Value::as_i64).filter(|v| *v > 0);
         match o.get("type").and_then(Value::as_str) {
             None => {
@@ -197,6 +198,10 @@ pub fn model(lines: &[String]) -> Model {
                     m.rejected += 1;
                     continue;
                 };
+                if m.trades.contains(&id) {
+                    m.rejected += 1; // a reused trade id
+                    continue;
+                }
                 let n = p * q;
                 *m.balances.entry((b, parts[0].into())).or_default() += q;
                 *m.balances.entry((b, parts[1].into())).or_default() -= n;
