@@ -147,13 +147,54 @@ fn a_store_restored_from_a_backup_is_refused_until_adopted_and_the_journal_fills
         store_bytes(dir.path()) == before,
         "the refusal changed the store"
     );
-    // Adopted on purpose, the journal replay settles exactly what the backup lacks.
-    let summary = ok(&run(dir.path(), &journal, &["--adopt-store"]));
-    assert!(summary.contains("settled=20 duplicates=20"), "{summary}");
+    // Adopted on purpose: the WAL still holds every entry above the backup's high-water, so
+    // they are re-sent from it, and the journal replay finds everything settled.
+    let out = run(dir.path(), &journal, &["--adopt-store"]);
+    let summary = ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("row(s) re-sent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(summary.contains("settled=0 duplicates=40"), "{summary}");
     assert_store_matches_model(&store(dir.path()), &model(&all), "after --adopt-store");
     // And from then on the WAL and the store belong together again.
     let summary = ok(&run(dir.path(), &journal, &[]));
     assert!(summary.contains("settled=0 duplicates=40"), "{summary}");
+}
+
+#[test]
+fn a_restored_store_behind_a_checkpointed_wal_is_filled_from_the_journal() {
+    let dir = common::temp_dir();
+    let journal = dir.path().join("journal.jsonl");
+    let all = deposits(1..=30_000);
+    let small = ["--segment-mib", "1"];
+    write_lines(&journal, &all[..5_000]);
+    ok(&run(dir.path(), &journal, &small));
+    let backup = dir.path().join("backup.redb");
+    std::fs::copy(dir.path().join("ledger.redb"), &backup).unwrap();
+    write_lines(&journal, &all);
+    ok(&run(dir.path(), &journal, &small));
+    std::fs::copy(&backup, dir.path().join("ledger.redb")).unwrap();
+    refused(&run(dir.path(), &journal, &small), &["is behind its WAL"]);
+    // The checkpoints removed the segments right above the backup's high-water: nothing is
+    // re-sent from the WAL (a suffix alone would skip sequences); the journal fills the store.
+    let out = run(
+        dir.path(),
+        &journal,
+        &["--adopt-store", "--segment-mib", "1"],
+    );
+    let summary = ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing is re-sent from the WAL"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        summary.contains("settled=25000 duplicates=5000"),
+        "{summary}"
+    );
+    assert_store_matches_model(&store(dir.path()), &model(&all), "after the journal replay");
 }
 
 #[test]

@@ -29,6 +29,18 @@ pub enum Fault {
     NothingThenCrash,
 }
 
+/// The rows of a [`SimLedger`] at one moment (a backup), for [`SimLedger::restore`].
+#[derive(Clone, Debug, Default)]
+pub struct SimSnapshot {
+    balances: HashMap<BalanceKey, BalanceRow>,
+    trades: HashMap<u64, TradeRow>,
+    movements: HashMap<u64, MovementRow>,
+    rejections: HashMap<u64, RejectionRow>,
+    holes: HashMap<u64, HoleRow>,
+    high_water: Option<HighWaterRow>,
+    identity: Option<StoreIdentity>,
+}
+
 #[derive(Default)]
 struct State {
     balances: HashMap<BalanceKey, BalanceRow>,
@@ -79,9 +91,41 @@ impl SimLedger {
         self.state.lock().plan.insert(call, fault);
     }
 
+    /// Drops every fault not injected yet.
+    pub fn clear_faults(&self) {
+        self.state.lock().plan.clear();
+    }
+
     /// `apply` calls so far.
     pub fn calls(&self) -> u64 {
         self.state.lock().calls
+    }
+
+    /// Every row and the identity, as a backup would hold them.
+    pub fn snapshot(&self) -> SimSnapshot {
+        let st = self.state.lock();
+        SimSnapshot {
+            balances: st.balances.clone(),
+            trades: st.trades.clone(),
+            movements: st.movements.clone(),
+            rejections: st.rejections.clone(),
+            holes: st.holes.clone(),
+            high_water: st.high_water,
+            identity: st.identity,
+        }
+    }
+
+    /// Puts a backup back: every row (and the identity) as it was at [`SimLedger::snapshot`].
+    pub fn restore(&self, snapshot: &SimSnapshot) {
+        let mut st = self.state.lock();
+        let s = snapshot.clone();
+        st.balances = s.balances;
+        st.trades = s.trades;
+        st.movements = s.movements;
+        st.rejections = s.rejections;
+        st.holes = s.holes;
+        st.high_water = s.high_water;
+        st.identity = s.identity;
     }
 
     /// Brings the store back after a simulated crash.

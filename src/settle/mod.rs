@@ -285,6 +285,16 @@ impl Settlement {
         )
         .await?;
         ledger.set_write_epoch(epoch);
+        if options.adopt_store {
+            adopt(
+                &wal,
+                &*ledger,
+                identity,
+                high_water,
+                options.accept_divergence,
+            )
+            .await?;
+        }
         let recovery = recovery::recover(&wal, &*ledger, options.accept_divergence).await?;
         // The dedup state is the store's (recovery made it complete), in O(open holes).
         let mut high_water = ledger.high_water().await?;
@@ -427,6 +437,80 @@ fn check_binding(
         Some(id) if wal_identity.is_some_and(|w| w.wal_id == id.wal_id) => id.wal_lsn_base,
         _ => wal_last + 1,
     })
+}
+
+/// `--adopt-store`: completes a store that is behind this WAL (restored from a backup).
+///
+/// First the restored store is audited as it is (one full read; adopting is rare):
+/// - consistent (a backup taken between batches, as the embedded store's always are): when the
+///   WAL still holds every entry above the store's high-water, they are classified and re-sent
+///   as recovery does (idempotent) and the store is whole again; when a checkpoint removed some,
+///   nothing is re-sent (a suffix without the entries before it would skip sequences) and the
+///   engine's journal settles what the backup lacks;
+/// - inconsistent (a backup taken in the middle of UNLOGGED batches holds partial entries, even
+///   below its high-water): only a WAL that still holds its whole history can repair it, by
+///   re-sending every entry (idempotent) and auditing again; otherwise it is refused before
+///   anything is written.
+async fn adopt(
+    wal: &Wal,
+    ledger: &dyn Ledger,
+    identity: Option<StoreIdentity>,
+    high_water: Option<HighWaterRow>,
+    accept_divergence: bool,
+) -> Result<(), SettleError> {
+    let store_lsn = high_water.map_or(0, |h| h.lsn);
+    let mut entries = Vec::new();
+    let view = tokio::task::block_in_place(|| {
+        crate::wal::inspect_with(wal.dir(), &mut |_, r| {
+            if r.record_type == crate::wal::RecordType::Entry {
+                entries.push(crate::wal::PendingEntry {
+                    lsn: r.lsn,
+                    payload: r.payload.to_vec(),
+                });
+            }
+        })
+    })?;
+    let oldest = view.segments.first().map_or(u64::MAX, |s| s.first_lsn);
+    let wal_id = wal.identity().map(|w| w.wal_id);
+    let whole_history = oldest <= 1
+        || identity.is_some_and(|i| Some(i.wal_id) == wal_id && oldest <= i.wal_lsn_base);
+    let before = audit::audit(ledger).await?;
+    let store = ledger.describe();
+    if before.passed() {
+        if oldest > store_lsn + 1 {
+            eprintln!(
+                "adopt: {store} is consistent up to LSN {store_lsn}; the WAL starts at LSN {oldest}, after it: nothing is re-sent from the WAL; replay the engine's journal (`settlement run --input JOURNAL`) to settle what the backup lacks"
+            );
+            return Ok(());
+        }
+        entries.retain(|e| e.lsn > store_lsn);
+    } else if !whole_history {
+        return Err(mismatch(format!(
+            "cannot adopt {store}: the restored store is inconsistent (a backup taken in the middle of a batch: {} problem(s), the first: {}), and this WAL no longer holds its whole history (it starts at LSN {oldest}) to repair it. Restore a backup taken while no batch was being written, or rebuild the store from the engine's journal into a new store",
+            before.problem_count,
+            before.problems.first().map_or("", String::as_str)
+        )));
+    }
+    tracing::warn!(%store, entries = entries.len(), store_lsn, consistent = before.passed(),
+        "--adopt-store: re-sending what the store lacks from the WAL");
+    let report = recovery::resend(ledger, &entries, accept_divergence).await?;
+    if !before.passed() {
+        let after = audit::audit(ledger).await?;
+        if !after.passed() {
+            return Err(mismatch(format!(
+                "adopting {store}: re-sending the WAL's {} entries did not make the store consistent ({} problem(s), the first: {}); it needs a human (`settlement audit`)",
+                entries.len(),
+                after.problem_count,
+                after.problems.first().map_or("", String::as_str)
+            )));
+        }
+    }
+    eprintln!(
+        "adopt: {} WAL entr(y/ies) checked against {store}, {} row(s) re-sent",
+        entries.len(),
+        report.resent_rows,
+    );
+    Ok(())
 }
 
 /// Takes the next writer epoch with a conditional write (P8).

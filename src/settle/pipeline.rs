@@ -565,19 +565,21 @@ impl Pipeline {
                     continue;
                 }
                 Placement::BeforeFirst { first } => {
-                    tracing::warn!(
-                        output_sequence = seq,
-                        first,
-                        "a sequence before the first one this store accounts for: skipped as a duplicate"
-                    );
-                    self.duplicate();
-                    continue;
+                    if seq + 1 < first {
+                        self.summary.gaps += 1;
+                        metrics::counter!("settlement_gaps_total").increment(1);
+                        tracing::warn!(
+                            output_sequence = seq,
+                            first,
+                            "a sequence below the first one accounted for: the sequences between are an open hole"
+                        );
+                    }
                 }
-                Placement::TooFar { high, max_jump } => {
+                Placement::TooFar { from, max_jump } => {
                     let rejection = Rejection {
                         output_sequence: Some(seq),
                         reason: format!(
-                            "output_sequence {seq} is more than {max_jump} past the highest accounted for ({high}); refused as a wild sequence (raise --max-seq-jump if the engine really skipped that far)"
+                            "output_sequence {seq} is more than {max_jump} away from the range accounted for (it ends at {from}); refused as a wild sequence (raise --max-seq-jump if the engine really skipped that far)"
                         ),
                     };
                     self.reject(&m.bytes, &rejection)?;

@@ -402,16 +402,16 @@ fn classify(
     }
 }
 
-/// Runs recovery: classify every pending entry, re-send only what is missing, mark everything
-/// committed, sync, checkpoint. A divergence stops it with a report unless
-/// `accept_divergence` (then the diverged rows are left as the store has them, and logged).
-pub async fn recover(
-    wal: &Wal,
+/// Classifies `entries` against the store and re-sends only what is missing (the first half of
+/// [`recover`], without the commit markers; also what `--adopt-store` runs over the WAL's
+/// retained entries above a restored store's high-water). A divergence stops it unless
+/// `accept_divergence`.
+pub async fn resend(
     ledger: &dyn Ledger,
+    entries: &[PendingEntry],
     accept_divergence: bool,
 ) -> Result<RecoveryReport, SettleError> {
-    let started = Instant::now();
-    let pending = tokio::task::block_in_place(|| wal.pending())?;
+    let pending = entries;
     let mut report = RecoveryReport {
         pending: pending.len(),
         ..RecoveryReport::default()
@@ -419,10 +419,6 @@ pub async fn recover(
     if pending.is_empty() {
         return Ok(report);
     }
-    tracing::info!(
-        pending = pending.len(),
-        "recovery: verifying pending WAL entries against the store"
-    );
     let plan_started = Instant::now();
     let plans = plan(ledger, &pending).await?;
     report.plan_ms = plan_started.elapsed().as_millis() as u64;
@@ -476,6 +472,39 @@ pub async fn recover(
     let writes = coalesce(resend);
     report.written_rows = writes.iter().map(EntryWrites::row_count).sum();
     apply_all(ledger, apply_chunks(writes, RECOVERY_APPLY_ROWS)).await?;
+    Ok(report)
+}
+
+/// Runs recovery: classify every pending entry, re-send only what is missing, mark everything
+/// committed, sync, checkpoint. A divergence stops it with a report unless
+/// `accept_divergence` (then the diverged rows are left as the store has them, and logged).
+pub async fn recover(
+    wal: &Wal,
+    ledger: &dyn Ledger,
+    accept_divergence: bool,
+) -> Result<RecoveryReport, SettleError> {
+    let started = Instant::now();
+    let pending = tokio::task::block_in_place(|| wal.pending())?;
+    let mut report = RecoveryReport {
+        pending: pending.len(),
+        ..RecoveryReport::default()
+    };
+    if pending.is_empty() {
+        return Ok(report);
+    }
+    tracing::info!(
+        pending = pending.len(),
+        "recovery: verifying pending WAL entries against the store"
+    );
+    let resent = resend(ledger, &pending, accept_divergence).await?;
+    report.plan_ms = resent.plan_ms;
+    report.applied = resent.applied;
+    report.partial = resent.partial;
+    report.missing = resent.missing;
+    report.diverged = resent.diverged;
+    report.superseded_rows = resent.superseded_rows;
+    report.resent_rows = resent.resent_rows;
+    report.written_rows = resent.written_rows;
     let first = pending.first().expect("not empty").lsn;
     let last = pending.last().expect("not empty").lsn;
     tokio::task::block_in_place(|| {

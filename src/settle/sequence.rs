@@ -11,9 +11,12 @@
 //! - inside an open hole: accepted, and that part of the hole closes (a backfill);
 //! - at or below the highest and not in a hole: a duplicate (a re-delivered reject too, so it is
 //!   not written to the rejects file again);
-//! - more than `max_jump` past the highest: refused as a wild sequence, never taken as progress
-//!   (one bad `output_sequence` must not turn every later message into a "duplicate");
-//! - below the first sequence this store ever accounted for: before its time, a duplicate.
+//! - below the first sequence ever accounted for (a message that arrived after its successors
+//!   at the very start): accepted, the range grows downwards and any sequences between become
+//!   an open hole;
+//! - more than `max_jump` past the highest (or below the first): refused as a wild sequence,
+//!   never taken as progress (one bad `output_sequence` must not turn every later message into
+//!   a "duplicate").
 //!
 //! The hole rows a batch opens, shrinks, splits or closes are gathered in [`HoleChanges`] and go
 //! into the batch's control entry (WAL and store), so the state survives restarts and a new WAL
@@ -49,15 +52,16 @@ pub enum Placement {
     },
     /// Already settled or rejected.
     Duplicate,
-    /// Below the first sequence this store accounts for.
+    /// Below the first sequence accounted for, within `max_jump` of it: the range grows
+    /// downwards; `first_missing..=last_missing` (when not empty) become an open hole.
     BeforeFirst {
-        /// That first sequence.
+        /// The first sequence accounted for until now.
         first: u64,
     },
-    /// More than `max_jump` past the highest.
+    /// More than `max_jump` past the highest, or below the first.
     TooFar {
-        /// The highest sequence accounted for.
-        high: u64,
+        /// The sequence it is compared with (the highest, or the first).
+        from: u64,
         /// The bound.
         max_jump: u64,
     },
@@ -151,12 +155,18 @@ impl SequenceState {
             return Placement::Next;
         };
         if seq < first {
+            if first - seq > self.max_jump {
+                return Placement::TooFar {
+                    from: first,
+                    max_jump: self.max_jump,
+                };
+            }
             return Placement::BeforeFirst { first };
         }
         if seq > high {
             if seq - high > self.max_jump {
                 return Placement::TooFar {
-                    high,
+                    from: high,
                     max_jump: self.max_jump,
                 };
             }
@@ -181,10 +191,18 @@ impl SequenceState {
     /// opens or closes.
     ///
     /// # Panics
-    /// If `seq` is not [`Placement::Next`], [`Placement::Gap`] or [`Placement::Fill`].
+    /// If `seq` is a [`Placement::Duplicate`] or [`Placement::TooFar`].
     pub fn accept(&mut self, seq: u64, changes: &mut HoleChanges) {
         match self.place(seq) {
             Placement::Next => {}
+            Placement::BeforeFirst { first } => {
+                if seq + 1 < first {
+                    self.holes.insert(seq + 1, first - 1);
+                    changes.insert(seq + 1, (first - 1, true));
+                }
+                self.first = Some(seq);
+                return;
+            }
             Placement::Gap {
                 first_missing,
                 last_missing,
@@ -281,15 +299,32 @@ mod tests {
         assert_eq!(accept(&mut s, 3), HoleChanges::from([(3, (3, false))]));
         assert_eq!(s.hole_count(), 0);
         assert_eq!(s.place(4), Placement::Duplicate);
-        assert_eq!(s.place(0), Placement::BeforeFirst { first: 1 });
         assert_eq!(
             s.place(107),
             Placement::TooFar {
-                high: 6,
+                from: 6,
                 max_jump: 100
             }
         );
         assert!(matches!(s.place(106), Placement::Gap { .. }));
+    }
+
+    #[test]
+    fn a_first_message_that_arrives_late_extends_the_range_downwards() {
+        let mut s = SequenceState::new(100);
+        accept(&mut s, 500);
+        assert_eq!(s.place(498), Placement::BeforeFirst { first: 500 });
+        assert_eq!(accept(&mut s, 498), HoleChanges::from([(499, (499, true))]));
+        assert_eq!((s.first(), s.high()), (Some(498), Some(500)));
+        assert!(matches!(s.place(499), Placement::Fill { .. }));
+        assert_eq!(accept(&mut s, 497), HoleChanges::new());
+        assert_eq!(
+            s.place(396),
+            Placement::TooFar {
+                from: 497,
+                max_jump: 100
+            }
+        );
     }
 
     #[test]
@@ -341,13 +376,11 @@ mod tests {
                 let model_high = seen.last().copied();
                 match placement {
                     Placement::Duplicate => prop_assert!(seen.contains(&seq)),
-                    Placement::BeforeFirst { first } => {
-                        prop_assert_eq!(Some(first), model_first);
-                        prop_assert!(seq < first);
-                    }
-                    Placement::TooFar { high, .. } => {
-                        prop_assert_eq!(Some(high), model_high);
-                        prop_assert!(seq > high + max_jump);
+                    Placement::TooFar { from, .. } => {
+                        prop_assert!(
+                            (Some(from) == model_high && seq > from + max_jump)
+                                || (Some(from) == model_first && seq + max_jump < from)
+                        );
                     }
                     _ => {
                         prop_assert!(!seen.contains(&seq));

@@ -210,9 +210,15 @@ pub fn model(lines: &[String]) -> Model {
                 m.trades.insert(id);
             }
             Some(kind) => {
-                let user = o.get("user_id").and_then(Value::as_u64).unwrap();
-                let asset = o.get("asset").and_then(Value::as_str).unwrap().to_string();
-                let amount = pos("amount").unwrap();
+                let (Some(user), Some(asset), Some(amount), true) = (
+                    o.get("user_id").and_then(Value::as_u64),
+                    o.get("asset").and_then(Value::as_str).map(str::to_string),
+                    pos("amount"),
+                    kind == "deposit" || kind == "withdraw",
+                ) else {
+                    m.rejected += 1;
+                    continue;
+                };
                 let bal = m.balances.entry((user, asset)).or_default();
                 if kind == "deposit" {
                     *bal += amount;
