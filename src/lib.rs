@@ -3,7 +3,8 @@
 //! Every trade is first made durable in an application write-ahead log ([`wal`]); a fast
 //! UNLOGGED batch to ScyllaDB/Cassandra follows, then a commit marker; a recovery pass at start-up
 //! finishes whatever a crash interrupted, without ever applying a trade twice. See
-//! `ARCHITECTURE.md` (promises P1-P7) and `wal-format.md` (the bytes on disk).
+//! `docs/architecture.md` (the design and promises P1-P10) and `wal-format.md` (the bytes on
+//! disk).
 
 #![deny(missing_docs)]
 
