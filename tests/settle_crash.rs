@@ -120,6 +120,28 @@ fn sigkill_at_random_moments_then_finish_settles_everything_exactly_once() {
 
     let want = model(&lines);
     let store = format!("embedded:{}", dir.path().join("ledger.redb").display());
+    // Shown when the comparison below fails: what was refused, by reason.
+    let rejects = std::fs::read_to_string(dir.path().join("rejects.jsonl")).unwrap_or_default();
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in rejects.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let reason: String = v["reason"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(50)
+            .collect();
+        *reasons.entry(reason).or_default() += 1;
+    }
+    println!(
+        "rejects by reason (the model rejects {}): {reasons:#?}",
+        want.rejected
+    );
+    let out = settlement()
+        .args(["audit", "--store", &store])
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&out.stdout));
     let balances = assert_store_matches_model(&store, &want, &format!("seed {seed}"));
     eprintln!(
         "{killed} SIGKILLs ({finished_early} runs finished before their kill), {} trades and {} balances verified",

@@ -4,8 +4,9 @@
 #![doc(hidden)]
 
 use super::{
-    Asset, BalanceKey, BalanceRow, BalanceWrite, EntryWrites, EventKey, EventRow, Ledger,
-    LedgerError, MovementKind, MovementRow, Symbol, TradeRow, MAX_LOOKUP_KEYS,
+    Asset, BalanceKey, BalanceRow, BalanceWrite, Claim, EntryWrites, EventKey, EventRow,
+    HighWaterRow, HoleRow, Ledger, LedgerError, MovementKind, MovementRow, RejectionRow,
+    StoreIdentity, Symbol, TradeRow, MAX_LOOKUP_KEYS,
 };
 use crate::wal::Lsn;
 
@@ -321,6 +322,154 @@ pub async fn bulk_event_lookups(ledger: &dyn Ledger, base: u64) {
     assert!(matches!(err, LedgerError::Invalid(_)), "{err}");
 }
 
+fn row(lsn: Lsn, event: EventRow) -> EntryWrites {
+    EntryWrites {
+        lsn,
+        event: Some(event),
+        balances: Vec::new(),
+    }
+}
+
+/// The control rows (P8, P9) keep the newest LSN like every other row: a rejection, a hole that
+/// is opened then closed (and a replayed older open state that must not reopen it), the single
+/// high-water row; `trade_sequences` answers in order; `claim` is a compare-and-set on the epoch.
+pub async fn control_rows_and_identity(ledger: &dyn Ledger, base: u64) {
+    let lsn = base + 500_000;
+    let seq = base + 700_000;
+    let hole = |first: u64, last: u64, open: bool, lsn: Lsn| {
+        row(
+            lsn,
+            EventRow::Hole(HoleRow {
+                first_sequence: first,
+                last_sequence: last,
+                open,
+                lsn,
+            }),
+        )
+    };
+    ledger
+        .apply(&[
+            row(
+                lsn,
+                EventRow::Rejection(RejectionRow {
+                    output_sequence: seq,
+                    reason: "withdrawal above the balance".into(),
+                    lsn,
+                }),
+            ),
+            hole(seq + 1, seq + 9, true, lsn),
+            hole(seq + 20, seq + 29, true, lsn),
+        ])
+        .await
+        .expect("apply control rows");
+    // The first hole closes at a newer LSN; the old open state replayed afterwards loses.
+    ledger
+        .apply(&[hole(seq + 1, seq + 9, false, lsn + 1)])
+        .await
+        .unwrap();
+    ledger
+        .apply(&[hole(seq + 1, seq + 9, true, lsn)])
+        .await
+        .unwrap();
+    let open: Vec<HoleRow> = ledger
+        .open_holes()
+        .await
+        .expect("open_holes")
+        .into_iter()
+        .filter(|h| h.first_sequence >= seq && h.first_sequence < seq + 100)
+        .collect();
+    assert_eq!(
+        open,
+        vec![HoleRow {
+            first_sequence: seq + 20,
+            last_sequence: seq + 29,
+            open: true,
+            lsn
+        }],
+        "a closed hole stays closed (newest LSN wins)"
+    );
+    let rejections: Vec<RejectionRow> = ledger
+        .scan_rejections()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.output_sequence == seq)
+        .collect();
+    assert_eq!(rejections.len(), 1);
+    assert_eq!(rejections[0].reason, "withdrawal above the balance");
+    let got = ledger
+        .event_lsns(&[
+            EventKey::Rejection(seq),
+            EventKey::Hole(seq + 1),
+            EventKey::Hole(seq + 2),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Some(lsn), Some(lsn + 1), None]);
+    // The high-water row: the newest LSN wins whatever order the writes land in.
+    let hw = |lsn: Lsn, high: u64| {
+        row(
+            lsn,
+            EventRow::HighWater(HighWaterRow {
+                lsn,
+                first_sequence: 1,
+                high_sequence: high,
+                max_trade_id: high * 2,
+            }),
+        )
+    };
+    ledger.apply(&[hw(lsn + 10, seq + 30)]).await.unwrap();
+    ledger.apply(&[hw(lsn + 5, seq + 3)]).await.unwrap();
+    let stored = ledger
+        .high_water()
+        .await
+        .unwrap()
+        .expect("a high-water row");
+    assert!(stored.lsn >= lsn + 10, "{stored:?}");
+    if stored.lsn == lsn + 10 {
+        assert_eq!(stored.high_sequence, seq + 30);
+    }
+    // trade_sequences answers in the order asked.
+    ledger
+        .apply(&[trade_entry(
+            lsn + 20,
+            seq + 40,
+            base + 1,
+            base + 2,
+            [1, -1, -1, 1],
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.trade_sequences(&[seq + 41, seq + 40]).await.unwrap(),
+        vec![None, Some(seq + 40)]
+    );
+    // claim: compare-and-set on the epoch.
+    let current = ledger.identity().await.unwrap();
+    let next = StoreIdentity {
+        store_id: current.map_or(base + 11, |c| c.store_id),
+        wal_id: base + 12,
+        wal_lsn_base: 1,
+        epoch: current.map_or(1, |c| c.epoch + 1),
+    };
+    assert_eq!(
+        ledger.claim(current.map(|c| c.epoch), next).await.unwrap(),
+        Claim::Won
+    );
+    assert_eq!(ledger.identity().await.unwrap(), Some(next));
+    let stale = StoreIdentity {
+        wal_id: base + 13,
+        epoch: next.epoch + 1,
+        ..next
+    };
+    assert_eq!(
+        ledger.claim(current.map(|c| c.epoch), stale).await.unwrap(),
+        Claim::Lost(Some(next)),
+        "a claim with a stale epoch loses"
+    );
+    assert_eq!(ledger.identity().await.unwrap(), Some(next));
+}
+
 /// Runs every check.
 pub async fn run_all(ledger: &dyn Ledger, base: u64) {
     idempotent_reapply(ledger, base).await;
@@ -328,4 +477,5 @@ pub async fn run_all(ledger: &dyn Ledger, base: u64) {
     partial_batches(ledger, base).await;
     large_apply_and_scans(ledger, base).await;
     bulk_event_lookups(ledger, base).await;
+    control_rows_and_identity(ledger, base).await;
 }

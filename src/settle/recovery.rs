@@ -23,9 +23,10 @@ use std::time::Instant;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 
-use super::control::{ControlEntry, WalPayload};
+use super::control::{ControlEntry, HighWater, WalPayload};
 use super::entry::SettlementEntry;
 use super::event::Event;
+use super::sequence::{HoleChanges, Placement, SequenceState, MAX_SEQUENCE_JUMP_LIMIT};
 use super::SettleError;
 use crate::ledger::{
     coalesce, BalanceKey, BalanceRow, BalanceWrite, EntryWrites, EventKey, Ledger, LedgerError,
@@ -122,6 +123,9 @@ pub struct RecoveryReport {
     /// Row writes sent for them: each balance row once, with its newest missing post-image
     /// (an older one would be overwritten by it anyway).
     pub written_rows: usize,
+    /// Entries of a batch whose control entry never reached the WAL (a crash in the middle of
+    /// the batch's append), accounted for by a control write of recovery's own.
+    pub torn_batch_entries: usize,
     /// Wall time of the classification (the reads), part of `duration_ms`.
     pub plan_ms: u64,
     /// Wall time.
@@ -475,6 +479,72 @@ pub async fn resend(
     Ok(report)
 }
 
+/// The settlement entries after the last control entry among `pending`: the part of a batch
+/// whose append was cut before its control entry (every batch ends with one, and markers cover
+/// whole batches, so only the newest batch can be torn). Their events are applied by recovery
+/// like any pending entry; what their control entry would have recorded (the high-water, the
+/// holes their sequences open or close) is written here, at the last such entry's LSN, before
+/// they are marked committed. Rejections of that batch were never durable: their sequences stay
+/// open holes, and a re-delivery decides them again. Returns how many entries it covered.
+async fn complete_torn_batch(
+    ledger: &dyn Ledger,
+    pending: &[PendingEntry],
+) -> Result<usize, SettleError> {
+    let mut orphans: Vec<(Lsn, SettlementEntry)> = Vec::new();
+    for p in pending {
+        match WalPayload::decode(&p.payload)
+            .map_err(|reason| SettleError::BadEntry { lsn: p.lsn, reason })?
+        {
+            WalPayload::Control(_) => orphans.clear(),
+            WalPayload::Settle(e) => orphans.push((p.lsn, e)),
+        }
+    }
+    let Some(&(last_lsn, _)) = orphans.last() else {
+        return Ok(0);
+    };
+    let high_water = ledger.high_water().await?;
+    let holes = ledger.open_holes().await?;
+    // Every sequence the pipeline accepted is accepted here, whatever --max-seq-jump is now.
+    let mut state = SequenceState::from_store(high_water, &holes, MAX_SEQUENCE_JUMP_LIMIT)
+        .map_err(|e| {
+            SettleError::Ledger(LedgerError::Other(format!("{}: {e}", ledger.describe())))
+        })?;
+    let mut max_trade_id = high_water.map_or(0, |h| h.max_trade_id);
+    let mut changes = HoleChanges::new();
+    for (lsn, e) in &orphans {
+        let seq = e.event.output_sequence();
+        match state.place(seq) {
+            Placement::Duplicate | Placement::TooFar { .. } => {
+                tracing::error!(lsn, output_sequence = seq, "a torn batch's entry whose sequence the store already accounts for; left as it is");
+                continue;
+            }
+            _ => state.accept(seq, &mut changes),
+        }
+        if let Event::Trade(t) = &e.event {
+            max_trade_id = max_trade_id.max(t.trade_id);
+        }
+    }
+    let (Some(first_sequence), Some(high_sequence)) = (state.first(), state.high()) else {
+        return Ok(0);
+    };
+    let mut control = ControlEntry {
+        high_water: HighWater {
+            first_sequence,
+            high_sequence,
+            max_trade_id,
+        },
+        ..ControlEntry::default()
+    };
+    control.set_holes(changes);
+    tracing::warn!(
+        entries = orphans.len(),
+        last_lsn,
+        "recovery: a batch cut before its control entry; writing its bookkeeping"
+    );
+    ledger.apply(&control.writes(last_lsn)).await?;
+    Ok(orphans.len())
+}
+
 /// Runs recovery: classify every pending entry, re-send only what is missing, mark everything
 /// committed, sync, checkpoint. A divergence stops it with a report unless
 /// `accept_divergence` (then the diverged rows are left as the store has them, and logged).
@@ -505,6 +575,9 @@ pub async fn recover(
     report.superseded_rows = resent.superseded_rows;
     report.resent_rows = resent.resent_rows;
     report.written_rows = resent.written_rows;
+    // Before the markers: a batch whose control entry did not reach the WAL (a crash in the
+    // middle of its append) gets its bookkeeping now, or its events would not count as settled.
+    report.torn_batch_entries = complete_torn_batch(ledger, &pending).await?;
     let first = pending.first().expect("not empty").lsn;
     let last = pending.last().expect("not empty").lsn;
     tokio::task::block_in_place(|| {
