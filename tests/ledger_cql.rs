@@ -163,8 +163,8 @@ async fn schema_creation_is_idempotent_and_versioned() {
         .session()
         .query_unpaged(
             format!(
-                "INSERT INTO {keyspace}.schema_version (component, version) VALUES ('ledger', 2) \
-                 USING TIMESTAMP 2"
+                "INSERT INTO {keyspace}.schema_version (component, version) VALUES ('ledger', 3) \
+                 USING TIMESTAMP 3"
             ),
             (),
         )
@@ -173,10 +173,10 @@ async fn schema_creation_is_idempotent_and_versioned() {
     let err = CqlLedger::connect(config_for(&keyspace)).await.unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.contains("schema version 2") && msg.contains("newer"),
+        msg.contains("schema version 3") && msg.contains("newer"),
         "{msg}"
     );
-    assert_eq!(second.stored_schema_version().await.unwrap(), Some(2));
+    assert_eq!(second.stored_schema_version().await.unwrap(), Some(3));
     drop_keyspace(&second, &keyspace).await;
 }
 
