@@ -201,12 +201,25 @@ fn in_window(samples: &[(Instant, f64)], window: Option<(Instant, Instant)>) -> 
 // ------------------------------------------------------------------------------------------
 // Stores: an instant-ack one, and a wrapper that counts and times what `apply` receives.
 
-/// Acknowledges every write at once and holds nothing.
-struct InstantLedger;
+/// Acknowledges every write at once and holds nothing but its identity (the writer epoch the
+/// pipeline's fence check reads) and its high-water row (what a start checks the WAL against).
+#[derive(Default)]
+struct InstantLedger {
+    identity: Mutex<Option<StoreIdentity>>,
+    high_water: Mutex<Option<HighWaterRow>>,
+}
 
 #[async_trait::async_trait]
 impl Ledger for InstantLedger {
-    async fn apply(&self, _entries: &[EntryWrites]) -> Result<(), LedgerError> {
+    async fn apply(&self, entries: &[EntryWrites]) -> Result<(), LedgerError> {
+        for e in entries {
+            if let Some(EventRow::HighWater(hw)) = &e.event {
+                let mut stored = self.high_water.lock().unwrap();
+                if stored.is_none_or(|s| s.lsn <= hw.lsn) {
+                    *stored = Some(*hw);
+                }
+            }
+        }
         Ok(())
     }
     async fn trade_lsn(&self, _trade_id: u64) -> Result<Option<Lsn>, LedgerError> {
@@ -240,19 +253,24 @@ impl Ledger for InstantLedger {
         Ok(Vec::new())
     }
     async fn high_water(&self) -> Result<Option<HighWaterRow>, LedgerError> {
-        Ok(None)
+        Ok(*self.high_water.lock().unwrap())
     }
     async fn trade_sequences(&self, ids: &[u64]) -> Result<Vec<Option<u64>>, LedgerError> {
         Ok(vec![None; ids.len()])
     }
     async fn identity(&self) -> Result<Option<StoreIdentity>, LedgerError> {
-        Ok(None)
+        Ok(*self.identity.lock().unwrap())
     }
     async fn claim(
         &self,
-        _expected_epoch: Option<u64>,
-        _new: StoreIdentity,
+        expected_epoch: Option<u64>,
+        new: StoreIdentity,
     ) -> Result<Claim, LedgerError> {
+        let mut current = self.identity.lock().unwrap();
+        if current.map(|c| c.epoch) != expected_epoch {
+            return Ok(Claim::Lost(*current));
+        }
+        *current = Some(new);
         Ok(Claim::Won)
     }
     fn describe(&self) -> String {
@@ -766,7 +784,7 @@ async fn instant_section(scale: f64) -> Option<f64> {
     let mut best = 0.0f64;
     for batch_max in [1000usize, 5000, 10_000] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = Arc::new(CountingLedger::new(Arc::new(InstantLedger)));
+        let ledger = Arc::new(CountingLedger::new(Arc::new(InstantLedger::default())));
         let _ = pipeline_run(
             &ledger,
             dir.path(),

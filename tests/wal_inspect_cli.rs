@@ -812,11 +812,20 @@ fn plan_classifies_each_pending_entry_against_an_embedded_store() {
     assert_eq!(plans[3]["rows"][1]["found"]["amount"], 999);
     assert_eq!(plans[3]["rows"][1]["expected"]["amount"], 5);
     // The writes recovery would send: only the missing rows.
-    assert_eq!(plans[0]["resend"]["balances"].as_array().unwrap().len(), 0);
-    assert_eq!(plans[1]["resend"]["balances"].as_array().unwrap().len(), 2);
-    assert!(plans[1]["resend"]["event"].is_null());
-    assert_eq!(plans[2]["resend"]["balances"].as_array().unwrap().len(), 4);
-    assert!(plans[2]["resend"]["event"].is_object());
+    assert_eq!(
+        plans[0]["resend"][0]["balances"].as_array().unwrap().len(),
+        0
+    );
+    assert_eq!(
+        plans[1]["resend"][0]["balances"].as_array().unwrap().len(),
+        2
+    );
+    assert!(plans[1]["resend"][0]["event"].is_null());
+    assert_eq!(
+        plans[2]["resend"][0]["balances"].as_array().unwrap().len(),
+        4
+    );
+    assert!(plans[2]["resend"][0]["event"].is_object());
     assert_eq!(v["totals"]["superseded_rows"], 4);
     assert_eq!(v["totals"]["resend_rows"], 2 + 5 + 1);
 

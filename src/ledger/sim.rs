@@ -61,6 +61,8 @@ struct State {
     /// P1 violations seen: (row LSN, durable LSN at the time).
     p1_violations: Vec<(Lsn, Lsn)>,
     applies: u64,
+    /// Full-table scans of trades, movements or balances (start-up must need none).
+    scans: u64,
 }
 
 /// The simulated store. Cheap to clone (shared state): a "restarted process" gets a clone.
@@ -89,6 +91,11 @@ impl SimLedger {
     /// Makes `apply` call number `call` (counted from 1 over the store's life) inject `fault`.
     pub fn inject(&self, call: u64, fault: Fault) {
         self.state.lock().plan.insert(call, fault);
+    }
+
+    /// Full-table scans of trades, movements or balances so far.
+    pub fn scans(&self) -> u64 {
+        self.state.lock().scans
     }
 
     /// Drops every fault not injected yet.
@@ -346,16 +353,21 @@ impl Ledger for SimLedger {
     }
 
     async fn scan_balances(&self) -> Result<Vec<(BalanceKey, BalanceRow)>> {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
+        st.scans += 1;
         Ok(st.balances.iter().map(|(k, r)| (*k, *r)).collect())
     }
 
     async fn scan_trades(&self) -> Result<Vec<TradeRow>> {
-        Ok(self.state.lock().trades.values().cloned().collect())
+        let mut st = self.state.lock();
+        st.scans += 1;
+        Ok(st.trades.values().cloned().collect())
     }
 
     async fn scan_movements(&self) -> Result<Vec<MovementRow>> {
-        Ok(self.state.lock().movements.values().cloned().collect())
+        let mut st = self.state.lock();
+        st.scans += 1;
+        Ok(st.movements.values().cloned().collect())
     }
 
     async fn scan_rejections(&self) -> Result<Vec<RejectionRow>> {

@@ -442,9 +442,11 @@ impl Pipeline {
             self.wal.clone(),
             self.ledger.clone(),
             batch_rx,
-            self.settings.inflight,
-            self.settings.batch_max,
-            self.settings.checkpoint_every_batches,
+            ApplyLimits {
+                inflight: self.settings.inflight,
+                merge_max_events: self.settings.batch_max,
+                checkpoint_every: self.settings.checkpoint_every_batches,
+            },
             self.acked_batch.clone(),
             self.fence.clone(),
         ));
@@ -912,6 +914,16 @@ impl AckedBatches {
     }
 }
 
+/// The applier's limits.
+struct ApplyLimits {
+    /// Applies in flight at once.
+    inflight: usize,
+    /// Most events one apply carries when waiting batches are merged.
+    merge_max_events: usize,
+    /// A WAL checkpoint after this many acknowledged batches.
+    checkpoint_every: usize,
+}
+
 /// Applies durable batches with up to `inflight` in flight; writes a commit marker for each
 /// acknowledged batch (P2) and checkpoints every `checkpoint_every` batches. Returns the number
 /// of events settled.
@@ -919,12 +931,15 @@ async fn apply_loop(
     wal: Arc<Wal>,
     ledger: Arc<dyn Ledger>,
     mut batches: mpsc::Receiver<DurableBatch>,
-    inflight: usize,
-    merge_max_events: usize,
-    checkpoint_every: usize,
+    limits: ApplyLimits,
     acked_batch: Arc<AtomicU64>,
     fence: Fence,
 ) -> Result<u64, SettleError> {
+    let ApplyLimits {
+        inflight,
+        merge_max_events,
+        checkpoint_every,
+    } = limits;
     let mut running: JoinSet<BatchOutcome> = JoinSet::new();
     let mut acked = AckedBatches::new(acked_batch);
     let mut settled = 0u64;

@@ -424,7 +424,7 @@ pub async fn resend(
         return Ok(report);
     }
     let plan_started = Instant::now();
-    let plans = plan(ledger, &pending).await?;
+    let plans = plan(ledger, pending).await?;
     report.plan_ms = plan_started.elapsed().as_millis() as u64;
     let diverged: Vec<&EntryPlan> = plans
         .iter()
