@@ -12,11 +12,19 @@ use std::collections::{HashMap, VecDeque};
 pub const MIN_RECENT_TRADE_IDS: usize = 262_144;
 
 /// The trade ids settled so far, as far as they are needed.
+///
+/// Recent ids live in two bounded FIFOs: ids that arrived in increasing order (the usual case)
+/// in a sorted deque, appended at the back and searched by bisection, no hashing; the rare id
+/// that arrived below the newest one in a small map with its own FIFO. Both forget their oldest
+/// entries past `capacity`.
 #[derive(Debug)]
 pub struct TradeIds {
     max_settled: u64,
-    recent: HashMap<u64, u64>,
-    order: VecDeque<u64>,
+    /// `(trade_id, output_sequence)`, trade ids strictly increasing.
+    ascending: VecDeque<(u64, u64)>,
+    /// Ids that arrived below the newest one, and their arrival order.
+    others: HashMap<u64, u64>,
+    others_order: VecDeque<u64>,
     capacity: usize,
 }
 
@@ -24,12 +32,12 @@ impl TradeIds {
     /// Ids above `max_settled` are new; `capacity` recent ids are remembered (at least
     /// [`MIN_RECENT_TRADE_IDS`]; it must cover every trade still in flight to the store).
     pub fn new(max_settled: u64, capacity: usize) -> TradeIds {
-        let capacity = capacity.max(MIN_RECENT_TRADE_IDS);
         TradeIds {
             max_settled,
-            recent: HashMap::with_capacity(capacity.min(1 << 16)),
-            order: VecDeque::new(),
-            capacity,
+            ascending: VecDeque::new(),
+            others: HashMap::new(),
+            others_order: VecDeque::new(),
+            capacity: capacity.max(MIN_RECENT_TRADE_IDS),
         }
     }
 
@@ -45,7 +53,13 @@ impl TradeIds {
         if trade_id > self.max_settled {
             return Ok(None);
         }
-        match self.recent.get(&trade_id) {
+        if let Ok(i) = self
+            .ascending
+            .binary_search_by_key(&trade_id, |&(id, _)| id)
+        {
+            return Ok(Some(self.ascending[i].1));
+        }
+        match self.others.get(&trade_id) {
             Some(&seq) => Ok(Some(seq)),
             None => Err(()),
         }
@@ -53,25 +67,49 @@ impl TradeIds {
 
     /// Records `trade_id` as settled under `output_sequence`.
     pub fn settled(&mut self, trade_id: u64, output_sequence: u64) {
+        match self.ascending.back() {
+            Some(&(newest, _)) if trade_id <= newest => {
+                if self.others.insert(trade_id, output_sequence).is_none() {
+                    self.others_order.push_back(trade_id);
+                }
+                while self.others_order.len() > self.capacity {
+                    let oldest = self.others_order.pop_front().expect("not empty");
+                    self.others.remove(&oldest);
+                }
+            }
+            _ => {
+                self.ascending.push_back((trade_id, output_sequence));
+                if self.ascending.len() > self.capacity {
+                    self.ascending.pop_front();
+                }
+            }
+        }
         self.max_settled = self.max_settled.max(trade_id);
-        if self.recent.insert(trade_id, output_sequence).is_none() {
-            self.order.push_back(trade_id);
-        }
-        while self.order.len() > self.capacity {
-            let oldest = self.order.pop_front().expect("not empty");
-            self.recent.remove(&oldest);
-        }
-        assert_eq!(
-            self.order.len(),
-            self.recent.len(),
-            "one order entry per id"
-        );
+        debug_assert!(self.ascending.len() <= self.capacity);
+        debug_assert_eq!(self.others.len(), self.others_order.len());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_out_of_order_are_remembered_too() {
+        let mut ids = TradeIds::new(0, 0);
+        for id in [10, 20, 30] {
+            ids.settled(id, id + 1);
+        }
+        ids.settled(15, 99);
+        ids.settled(5, 98);
+        assert_eq!(ids.known(15), Ok(Some(99)));
+        assert_eq!(ids.known(5), Ok(Some(98)));
+        assert_eq!(ids.known(20), Ok(Some(21)));
+        assert_eq!(ids.known(25), Err(()));
+        assert_eq!(ids.known(31), Ok(None));
+        ids.settled(40, 41);
+        assert_eq!(ids.known(40), Ok(Some(41)));
+    }
 
     #[test]
     fn ids_above_the_highest_are_new_and_recent_ones_are_remembered() {
