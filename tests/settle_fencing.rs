@@ -245,3 +245,64 @@ fn a_second_process_is_refused_and_a_deliberate_takeover_fences_the_first() {
         )
         .unwrap();
 }
+
+/// The deleted-WAL scenario on the node: a rerun is refused before any write; `--new-wal`
+/// starts above the store's high-water and finds every event settled (nothing applied twice).
+#[test]
+fn a_deleted_wal_over_a_cql_store_is_refused_then_adopted_without_double_applying() {
+    let ks = keyspace("wal");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let Some(probe) = runtime.block_on(connect(&ks)) else {
+        return;
+    };
+    let store = format!("cql://{NODE}/{ks}?consistency=one");
+    let dir = common::temp_dir();
+    let input = dir.path().join("in.jsonl");
+    let lines: Vec<String> = (1..=30).map(deposit).collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let run = |extra: &[&str]| {
+        settlement()
+            .args(["run", "--no-progress", "--input"])
+            .arg(&input)
+            .arg("--wal-dir")
+            .arg(dir.path().join("wal"))
+            .args(["--store", &store])
+            .arg("--rejects")
+            .arg(dir.path().join("rejects.jsonl"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(dir.path().join("wal")).unwrap();
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("holds no WAL"),
+        "{err}"
+    );
+    let out = run(&["--new-wal"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("settled=0 duplicates=30"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    common::assert_store_matches_model(&store, &common::model(&lines), "after --new-wal");
+    runtime
+        .block_on(
+            probe
+                .session()
+                .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ()),
+        )
+        .unwrap();
+}

@@ -189,6 +189,9 @@ async fn divergence_stops_recovery_unless_accepted_and_is_never_overwritten() {
         }),
         "left as the store had it"
     );
+    // Wholly as the store had it: the entry's missing movement row is not re-sent either, so
+    // no entry lands half from the WAL and half from the store.
+    assert_eq!(ledger.movement_lsn(1).await.unwrap(), None);
 }
 
 #[test]

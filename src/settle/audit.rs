@@ -430,6 +430,107 @@ mod tests {
     use crate::ledger::sim::SimLedger;
     use crate::ledger::{EventRow, Symbol};
 
+    fn deposit(lsn: Lsn, seq: u64, amount: i64, post: i64) -> crate::ledger::EntryWrites {
+        crate::ledger::conformance::deposit_entry(lsn, seq, 1, "USDT", amount, post)
+    }
+
+    fn high_water(lsn: Lsn, first: u64, high: u64) -> crate::ledger::EntryWrites {
+        crate::ledger::EntryWrites {
+            lsn,
+            event: Some(EventRow::HighWater(HighWaterRow {
+                lsn,
+                first_sequence: first,
+                high_sequence: high,
+                max_trade_id: 0,
+            })),
+            balances: Vec::new(),
+        }
+    }
+
+    /// P9: the audit fails a store where a sequence is neither settled, rejected nor an open
+    /// hole, where one is stored twice, or where the high-water row does not match the rows;
+    /// and passes the same store once it is complete.
+    #[tokio::test]
+    async fn completeness_is_proven_not_assumed() {
+        // Sequences 1, 2 and 4 settled, the high-water says 1..=4: 3 was dropped.
+        let store = SimLedger::new(1);
+        store
+            .apply(&[
+                deposit(1, 1, 10, 10),
+                deposit(2, 2, 5, 15),
+                deposit(4, 4, 1, 16),
+                high_water(5, 1, 4),
+            ])
+            .await
+            .unwrap();
+        let report = audit(&store).await.unwrap();
+        assert!(!report.passed(), "{report}");
+        assert!(
+            report.to_string().contains("1 sequence(s) in 1..=4 are neither settled, rejected nor an open hole (the first: [3])"),
+            "{report}"
+        );
+        // 3 recorded as an open hole: complete.
+        store
+            .apply(&[crate::ledger::EntryWrites {
+                lsn: 5,
+                event: Some(EventRow::Hole(crate::ledger::HoleRow {
+                    first_sequence: 3,
+                    last_sequence: 3,
+                    open: true,
+                    lsn: 5,
+                })),
+                balances: Vec::new(),
+            }])
+            .await
+            .unwrap();
+        let report = audit(&store).await.unwrap();
+        assert!(report.passed(), "{report}");
+        assert_eq!((report.open_holes, report.missing_sequences), (1, 1));
+        // Sequence 2 also stored as a rejection: stored twice.
+        store
+            .apply(&[crate::ledger::EntryWrites {
+                lsn: 5,
+                event: Some(EventRow::Rejection(crate::ledger::RejectionRow {
+                    output_sequence: 2,
+                    reason: "x".into(),
+                    lsn: 5,
+                })),
+                balances: Vec::new(),
+            }])
+            .await
+            .unwrap();
+        let report = audit(&store).await.unwrap();
+        assert!(
+            report
+                .to_string()
+                .contains("output_sequence 2 is stored twice: as a movement and a rejection"),
+            "{report}"
+        );
+        // A row newer than the high-water (written without its batch's control entry).
+        let store = SimLedger::new(2);
+        store
+            .apply(&[
+                deposit(1, 1, 10, 10),
+                high_water(1, 1, 1),
+                deposit(7, 2, 1, 11),
+            ])
+            .await
+            .unwrap();
+        let report = audit(&store).await.unwrap();
+        assert!(
+            report.to_string().contains("after the high-water row"),
+            "{report}"
+        );
+        assert!(report
+            .to_string()
+            .contains("above the high-water row's highest sequence"));
+        // Rows without any high-water row.
+        let store = SimLedger::new(3);
+        store.apply(&[deposit(1, 1, 10, 10)]).await.unwrap();
+        let report = audit(&store).await.unwrap();
+        assert!(report.to_string().contains("no high-water row"), "{report}");
+    }
+
     /// A stored trade whose symbol splits into an asset name too long for [`Asset`] (written by
     /// something other than this process) is a problem in the report, not a panic.
     #[tokio::test]
