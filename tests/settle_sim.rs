@@ -62,6 +62,18 @@ async fn check_committed_entries_are_applied(dir: &Path, sim: &SimLedger, seed: 
     }
 }
 
+/// The input as a closed source: one message per chunk.
+fn feed(lines: &[String]) -> tokio::sync::mpsc::Receiver<Vec<Message>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(lines.len() + 1);
+    for l in lines {
+        tx.try_send(vec![Message {
+            bytes: l.clone().into_bytes(),
+        }])
+        .unwrap();
+    }
+    rx
+}
+
 async fn run_seed(seed: u64) -> u64 {
     let mut rng = Rng::new(seed);
     let spec = DemoSpec {
@@ -135,14 +147,7 @@ async fn run_seed(seed: u64) -> u64 {
             }
         };
         *current_wal.lock() = Some(settlement.wal().clone());
-        let (tx, rx) = tokio::sync::mpsc::channel(lines.len() + 1);
-        for l in &lines {
-            tx.try_send(vec![Message {
-                bytes: l.clone().into_bytes(),
-            }])
-            .unwrap();
-        }
-        drop(tx);
+        let rx = feed(&lines);
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let result = settlement
             .run(rx, shutdown, settings.clone(), RejectSink::discard())
@@ -200,14 +205,7 @@ async fn run_seed(seed: u64) -> u64 {
             .await
             .unwrap_or_else(|e| panic!("seed {seed}: adopting the restored store: {e}"));
         *current_wal.lock() = Some(settlement.wal().clone());
-        let (tx, rx) = tokio::sync::mpsc::channel(lines.len() + 1);
-        for l in &lines {
-            tx.try_send(vec![Message {
-                bytes: l.clone().into_bytes(),
-            }])
-            .unwrap();
-        }
-        drop(tx);
+        let rx = feed(&lines);
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         settlement
             .run(rx, shutdown, settings.clone(), RejectSink::discard())

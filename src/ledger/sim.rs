@@ -166,58 +166,38 @@ enum RowWrite {
     Balance(BalanceKey, BalanceRow),
 }
 
+/// Last write wins by LSN: `row` replaces what `map` holds under `key` unless that is newer.
+fn keep_newest<K: std::hash::Hash + Eq, R>(
+    map: &mut HashMap<K, R>,
+    key: K,
+    row: R,
+    lsn: impl Fn(&R) -> Lsn,
+) {
+    if map.get(&key).is_none_or(|old| lsn(old) <= lsn(&row)) {
+        map.insert(key, row);
+    }
+}
+
 fn write_row(st: &mut State, w: RowWrite) {
     match w {
         RowWrite::Event(EventRow::Trade(t)) => {
-            if st
-                .trades
-                .get(&t.trade_id)
-                .is_none_or(|old| old.lsn <= t.lsn)
-            {
-                st.trades.insert(t.trade_id, t);
-            }
+            keep_newest(&mut st.trades, t.trade_id, t, |r| r.lsn)
         }
         RowWrite::Event(EventRow::Movement(m)) => {
-            if st
-                .movements
-                .get(&m.output_sequence)
-                .is_none_or(|old| old.lsn <= m.lsn)
-            {
-                st.movements.insert(m.output_sequence, m);
-            }
+            keep_newest(&mut st.movements, m.output_sequence, m, |r| r.lsn)
         }
         RowWrite::Event(EventRow::Rejection(r)) => {
-            if st
-                .rejections
-                .get(&r.output_sequence)
-                .is_none_or(|old| old.lsn <= r.lsn)
-            {
-                st.rejections.insert(r.output_sequence, r);
-            }
+            keep_newest(&mut st.rejections, r.output_sequence, r, |r| r.lsn)
         }
         RowWrite::Event(EventRow::Hole(h)) => {
-            if st
-                .holes
-                .get(&h.first_sequence)
-                .is_none_or(|old| old.lsn <= h.lsn)
-            {
-                st.holes.insert(h.first_sequence, h);
-            }
+            keep_newest(&mut st.holes, h.first_sequence, h, |r| r.lsn)
         }
         RowWrite::Event(EventRow::HighWater(hw)) => {
             if st.high_water.is_none_or(|old| old.lsn <= hw.lsn) {
                 st.high_water = Some(hw);
             }
         }
-        RowWrite::Balance(key, row) => {
-            if st
-                .balances
-                .get(&key)
-                .is_none_or(|old| old.last_lsn <= row.last_lsn)
-            {
-                st.balances.insert(key, row);
-            }
-        }
+        RowWrite::Balance(key, row) => keep_newest(&mut st.balances, key, row, |r| r.last_lsn),
     }
 }
 
