@@ -22,6 +22,8 @@ pub(crate) struct Tracker {
     uncommitted: usize,
     /// `(lsn, segment first LSN, offset)` of the newest entry, committed or not.
     last_entry: Option<(Lsn, Lsn, u32)>,
+    /// The first retained LSN of the newest checkpoint record scanned.
+    first_retained: Option<Lsn>,
 }
 
 impl Tracker {
@@ -38,6 +40,12 @@ impl Tracker {
         });
         self.uncommitted += 1;
         self.last_entry = Some((lsn, segment_first_lsn, offset));
+    }
+
+    /// The first retained LSN of the newest checkpoint record fed to [`Tracker::apply`]: every
+    /// segment from it on must still be in the directory.
+    pub(crate) fn first_retained(&self) -> Option<Lsn> {
+        self.first_retained
     }
 
     /// `(lsn, segment first LSN, offset)` of the newest entry.
@@ -122,6 +130,7 @@ impl Tracker {
                 if c.committed_watermark > 0 {
                     self.mark_committed(1, c.committed_watermark);
                 }
+                self.first_retained = Some(c.first_retained_lsn);
             }
         }
         Ok(())
