@@ -633,10 +633,10 @@ mod ops {
     }
 
     /// The model's reading of wal-format.md's "power-cut shape" of a bad record at `o`: its
-    /// 24-byte header is zeros, or its length field is in range and one 512-byte sector's part
-    /// of its header and payload is all zeros.
+    /// first 8 bytes (length, type, flags) are zeros, or its length field is in range and one
+    /// 512-byte sector's part of its header and payload is all zeros.
     fn zero_shaped(c: &[u8], o: usize) -> bool {
-        if all_zero(c, o, o + RECORD_HEADER_SIZE_BYTES) {
+        if all_zero(c, o, o + 8) {
             return true;
         }
         let Some(len) = c.get(o..o + 4) else {
