@@ -6,13 +6,17 @@
 //! A segment file is a 64-byte [`SegmentHeader`] followed by records, each 8-byte aligned:
 //!
 //! ```text
-//! record header (24 bytes)        payload              padding
-//! +------+----+-----+-----+-----+-----+------------------+---------+
-//! | len  |type|flags| rsv | lsn | crc | payload (len B)  | 0..7 x 0|
-//! | u32  | u8 | u8  | u16 | u64 | u32 |                  |         |
-//! +------+----+-----+-----+-----+-----+------------------+---------+
-//!   0     4    5     6     8     16/20 -> see RECORD_* constants
+//! record header (24 bytes)                 payload              padding
+//! +------+----+-----+-----+-----+------+-----+------------------+---------+
+//! | len  |type|flags| rsv | lsn | dist | crc | payload (len B)  | 0..7 x 0|
+//! | u32  | u8 | u8  | u16 | u64 | u32  | u32 |                  |         |
+//! +------+----+-----+-----+-----+------+-----+------------------+---------+
+//!   0     4    5     6     8     16     20 -> see RH_* constants
 //! ```
+//!
+//! `dist` (format version 2) is the durable distance: `lsn - durable bound`, where every LSN at
+//! or below the bound was acknowledged durable when the record was written (0 = unknown);
+//! `flags` bit 0 marks an LSN jump ([`RECORD_FLAG_LSN_JUMP`]). Both are zero in version 1.
 //!
 //! All integers are little-endian. The record checksum is CRC32 (Castagnoli is not used; this is
 //! the IEEE polynomial of `crc32fast`) over `salt (8 bytes) || header bytes 0..20 || payload`,
