@@ -1604,3 +1604,40 @@ fn a_zero_sector_in_unacknowledged_records_is_cut_and_a_bit_flip_there_is_not() 
         "{err}"
     );
 }
+
+/// Issue 15 point 8: after a failed sync, the reopen does not trust the page cache (the kernel
+/// may have marked the failed pages clean while keeping their bytes): the failed WAL leaves a
+/// marker, and the next open syncs every segment, drops its cached pages and scans what the
+/// medium holds, then removes the marker. Mutation: without the marker the reopen reports no
+/// re-verification and this fails.
+#[test]
+fn a_reopen_after_a_failed_sync_rereads_the_segments_from_the_medium() {
+    use settlement_wal::wal::SYNC_FAILED_FILE_NAME;
+    let root = scratch_dir();
+    let dir = root.path().join("wal");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fs = PowerLossFs::adopt(&dir);
+    let wal = Wal::open(&dir, small_options(fs.clone())).unwrap();
+    let durable = wal.append_durable(b"durable").unwrap();
+    wal.append(b"never durable").unwrap();
+    fs.fail_sync_ranges.store(1, Ordering::SeqCst);
+    assert!(wal.sync().is_err());
+    let err = wal.sync().unwrap_err();
+    assert!(
+        err.to_string().contains("re-reads it from the medium"),
+        "{err}"
+    );
+    drop(wal);
+    let marker = dir.join(SYNC_FAILED_FILE_NAME);
+    assert!(marker.exists(), "the failed WAL left its marker");
+    let wal = Wal::open(&dir, small_options(fs.clone())).unwrap();
+    assert!(wal.open_report().reverified_from_medium);
+    assert!(
+        !marker.exists(),
+        "the marker is removed after the re-verified open"
+    );
+    assert!(wal.last_lsn() >= durable);
+    drop(wal);
+    let wal = Wal::open(&dir, small_options(fs)).unwrap();
+    assert!(!wal.open_report().reverified_from_medium);
+}

@@ -59,7 +59,9 @@ pub use error::{Result, WalError};
 pub use format::{Lsn, RecordType, WalIdentity, MAX_PAYLOAD_SIZE_BYTES};
 pub use fs::{OsFs, WalFs};
 pub use inspect::{inspect, inspect_with, Inspection, RecordCounts, SegmentInfo};
-pub use scan::{TailState, ARCHIVE_DIR_NAME, LOCK_FILE_NAME, SCAN_CHUNK_BYTES};
+pub use scan::{
+    TailState, ARCHIVE_DIR_NAME, LOCK_FILE_NAME, SCAN_CHUNK_BYTES, SYNC_FAILED_FILE_NAME,
+};
 
 use barrier::SyncBarrier;
 use format::{
@@ -79,6 +81,10 @@ pub const MAX_BATCH_RECORDS: usize = 64 * 1024;
 /// page (msync leaves the pages it cleaned write-protected; pages ahead of the synced range
 /// stay writable). A new request goes out when the writer is half a window from its end.
 const PREFAULT_WINDOW_BYTES: usize = 2 * 1024 * 1024;
+
+/// Bytes the writer pages in itself (checked) when it reaches pages the prefault thread has
+/// not populated yet.
+const INLINE_POPULATE_BYTES: usize = 64 * 1024;
 
 /// Bytes read at once for one pending entry ([`Wal::pending`], [`Wal::last_entry`]): most
 /// entries fit; a larger one takes a second read of its exact size.
@@ -233,6 +239,9 @@ pub struct OpenReport {
     pub removed_temp_files: Vec<PathBuf>,
     /// Segment files fsynced at open (every inherited byte durable before the WAL counts it).
     pub synced_segments: usize,
+    /// The previous writer failed a sync in this boot ([`SYNC_FAILED_FILE_NAME`] was there):
+    /// every segment was written back, its cached pages dropped, and the scan read the medium.
+    pub reverified_from_medium: bool,
     /// The LSN the next record gets.
     pub next_lsn: Lsn,
     /// Wall time of the scan and repair.
@@ -366,6 +375,20 @@ impl Wal {
             // Read-only first: a failed open must not change a single byte on disk.
             segments.push(Arc::new(Segment::open(&*fs, path, *first_lsn, false)?));
         }
+        // After a failed sync in this boot, the page cache may hold bytes the kernel marked
+        // clean although they never reached the medium: write back what is dirty, drop the
+        // cached pages and scan what the medium holds.
+        let marker = dir.join(SYNC_FAILED_FILE_NAME);
+        let reverify = marker.exists();
+        if reverify {
+            tracing::warn!(dir = %dir.display(),
+                "the previous writer failed a sync: re-reading every segment from the medium");
+            for seg in &segments {
+                seg.sync_data(&*fs)?;
+                seg.drop_cached_pages();
+            }
+        }
+        report.reverified_from_medium = reverify;
         let mut identity = directory_identity(&segments)?;
         let next_segment_identity = identity.or(options.identity).unwrap_or(WalIdentity {
             wal_id: segment::random_wal_id(),
@@ -486,6 +509,9 @@ impl Wal {
                     skipped_lsns: cut.skipped_lsns,
                 });
             }
+            // The writer pages in (checked) from its first write on.
+            seg.populated_to
+                .store(write_offset - write_offset % 4096, Ordering::Release);
             segments.push(Arc::new(seg));
         }
         if segments.is_empty() {
@@ -500,6 +526,12 @@ impl Wal {
             .map_err(|e| e.error)?;
             segments.push(Arc::new(seg));
             identity = Some(next_segment_identity);
+        }
+        if reverify {
+            // The scan passed on the medium's bytes.
+            if let Err(e) = std::fs::remove_file(&marker) {
+                tracing::warn!(path = %marker.display(), error = %e, "could not remove the re-verification marker");
+            }
         }
         report.segments = listing.segments.len();
         report.record_bytes = record_bytes;
@@ -932,7 +964,7 @@ impl Wal {
         st.next_lsn = mark.next_lsn;
         if let Some(e) = problem {
             tracing::error!(error = %e, "could not undo a failed batch; the WAL refuses further work until reopened");
-            st.failed.get_or_insert(e.to_string());
+            self.fail(st, e.to_string());
         }
     }
 
@@ -972,6 +1004,26 @@ impl Wal {
         let header =
             format::encode_record_header_with(&seg.hasher, record_type, lsn, meta, payload);
         let offset = st.write_offset;
+        // Only pages paged in with a checked populate are written: an EIO reading the page at
+        // the write offset, or a file truncated under the writer, is an error here instead of
+        // a SIGBUS in the copy below.
+        let populated = seg.populated_to.load(Ordering::Acquire);
+        if offset + size > populated {
+            // Ahead of the prefault thread (or at a new segment's start): a chunk inline, so a
+            // writer that catches up pays one madvise per chunk, not per record.
+            let to = (offset + size)
+                .max(populated + INLINE_POPULATE_BYTES)
+                .min(seg.len_bytes);
+            if let Err(e) = prefault::populate(&seg, populated, to) {
+                let err = WalError::Io {
+                    op: "paging in the next page of the active segment (a write there would raise SIGBUS: the disk failed reading it, or the file was truncated under the writer)",
+                    path: seg.path.clone(),
+                    source: e,
+                };
+                self.fail(st, err.to_string());
+                return Err(err);
+            }
+        }
         debug_assert!(
             seg.mapped_bytes()[offset..offset + size]
                 .iter()
@@ -992,7 +1044,10 @@ impl Wal {
                 let busy = self.stat_bytes.load(Ordering::Relaxed) >= PREFAULT_WINDOW_BYTES as u64;
                 match busy.then(|| self.prefaulter.get_or_init(Prefaulter::start)) {
                     Some(Some(p)) => p.request(seg.clone(), from, to),
-                    _ => prefault::populate(&seg, from, to),
+                    _ => {
+                        // Ahead of need; the write path checks what it needs itself.
+                        let _ = prefault::populate(&seg, from, to);
+                    }
                 }
             }
             st.prefaulted_to = to;
@@ -1029,7 +1084,7 @@ impl Wal {
                 active.sync_appended(&*self.options.fs, st.durable_offset, st.write_offset)
             {
                 let err = WalError::io("syncing sealed segment", &active.path, e);
-                st.failed = Some(err.to_string());
+                self.fail(st, err.to_string());
                 return Err(err);
             }
             self.stat_syncs.fetch_add(1, Ordering::Relaxed);
@@ -1055,7 +1110,7 @@ impl Wal {
                     // A file of the new segment's name may be in the directory (or replaced
                     // the empty active one): appending LSN `next_lsn` to the old segment now
                     // would make the next open see two segments claiming it.
-                    st.failed.get_or_insert(e.error.to_string());
+                    self.fail(st, e.error.to_string());
                 }
                 return Err(e.error);
             }
@@ -1073,6 +1128,20 @@ impl Wal {
         st.prefaulted_to = SEGMENT_HEADER_SIZE_BYTES;
         self.stat_segments_created.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Enters the failed state (the first cause wins) and leaves the [`SYNC_FAILED_FILE_NAME`]
+    /// marker, so that the next open in this boot re-reads every segment from the medium
+    /// instead of the page cache (not synced: after a reboot the cache is cold anyway).
+    fn fail(&self, st: &mut State, cause: String) {
+        if st.failed.is_none() {
+            let marker = self.dir.join(SYNC_FAILED_FILE_NAME);
+            if let Err(e) = std::fs::write(&marker, cause.as_bytes()) {
+                tracing::error!(path = %marker.display(), error = %e,
+                    "could not leave the marker that makes the next open re-read the WAL from the medium; drop the page cache (or reboot) before reopening");
+            }
+            st.failed = Some(cause);
+        }
     }
 
     fn sync_to(&self, target: Lsn) -> Result<Lsn> {
@@ -1101,7 +1170,7 @@ impl Wal {
             if let Err(e) = seg.sync_appended(&*self.options.fs, from, to) {
                 let err = WalError::io("syncing", &seg.path, e);
                 // Never retried as if durable: the WAL refuses all further work until reopened.
-                self.state.lock().failed.get_or_insert(err.to_string());
+                self.fail(&mut self.state.lock(), err.to_string());
                 return Err(err);
             }
             self.stat_syncs.fetch_add(1, Ordering::Relaxed);

@@ -27,6 +27,10 @@ use super::segment::Segment;
 
 /// Name of the writer lock file inside a WAL directory.
 pub const LOCK_FILE_NAME: &str = "LOCK";
+/// Name of the marker a WAL leaves in its directory when it enters the failed state (a sync
+/// failed): the next open syncs every segment, drops its cached pages and scans what the
+/// medium holds, then removes the marker.
+pub const SYNC_FAILED_FILE_NAME: &str = "SYNC_FAILED";
 /// Name of the directory segments are moved to under [`super::Retention::Archive`] when it is
 /// given as a relative path.
 pub const ARCHIVE_DIR_NAME: &str = "archive";
@@ -549,7 +553,10 @@ pub(crate) fn list_dir(dir: &Path) -> Result<DirListing> {
             .is_some()
         {
             listing.temp_files.push(path);
-        } else if name != LOCK_FILE_NAME && name != ARCHIVE_DIR_NAME {
+        } else if name != LOCK_FILE_NAME
+            && name != ARCHIVE_DIR_NAME
+            && name != SYNC_FAILED_FILE_NAME
+        {
             listing.foreign.push(path);
         }
     }

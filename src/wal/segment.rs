@@ -30,6 +30,11 @@ pub(crate) struct Segment {
     map: Option<MmapRaw>,
     /// The open file: reads go through it, and it outlives the mapping.
     file: File,
+    /// Offset up to which the mapping's pages (from where the writer starts) were made present
+    /// and writable with a checked `MADV_POPULATE_WRITE`: the writer writes only below it, so a
+    /// page that cannot be paged in (EIO reading it, beyond a truncated end) is an error
+    /// instead of a SIGBUS. Only grows.
+    pub(crate) populated_to: std::sync::atomic::AtomicUsize,
 }
 
 /// A fresh random salt for a new segment (std's per-process random keys, mixed with time and pid).
@@ -135,7 +140,16 @@ impl Segment {
             len_bytes: map.len(),
             map: Some(map),
             file,
+            populated_to: std::sync::atomic::AtomicUsize::new(SEGMENT_HEADER_SIZE_BYTES),
         })
+    }
+
+    /// Drops the file's clean cached pages (`POSIX_FADV_DONTNEED`), so the next reads come from
+    /// the medium. A hint: failure only means the cache is used.
+    pub(crate) fn drop_cached_pages(&self) {
+        // SAFETY: plain syscall on a valid open descriptor.
+        let _ =
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 
     /// Makes the file's data durable (`fsync` through `fs`): at open, every segment may hold
@@ -215,6 +229,8 @@ impl Segment {
             len_bytes,
             map,
             file,
+            // Set to the write offset by the writer that maps it.
+            populated_to: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
