@@ -239,6 +239,10 @@ pub struct OpenReport {
     pub removed_temp_files: Vec<PathBuf>,
     /// Segment files fsynced at open (every inherited byte durable before the WAL counts it).
     pub synced_segments: usize,
+    /// The newest segment was shorter than its header records (`(file, its length)`): it
+    /// was truncated or partly copied by someone (a crash or power cut never does this), and
+    /// whatever it held past that length is lost. It was extended back with zeros.
+    pub short_newest_segment: Option<(PathBuf, u64)>,
     /// The previous writer failed a sync in this boot ([`SYNC_FAILED_FILE_NAME`] was there):
     /// every segment was written back, its cached pages dropped, and the scan read the medium.
     pub reverified_from_medium: bool,
@@ -484,6 +488,15 @@ impl Wal {
         }
         report.synced_segments = segments.len();
         if let Some(newest) = segments.pop() {
+            if (newest.len_bytes as u64) < newest.header.segment_size_bytes {
+                // Never the result of a crash or a power cut (a segment is preallocated and
+                // its size synced before it gets its name): someone truncated it, or it is a
+                // partial copy. What it held past its end is gone, acknowledged or not.
+                tracing::error!(path = %newest.path.display(), file_bytes = newest.len_bytes,
+                    segment_size_bytes = newest.header.segment_size_bytes,
+                    "the newest segment is shorter than its header records (truncated or partly copied): records past its end are lost; it is extended with zeros");
+                report.short_newest_segment = Some((newest.path.clone(), newest.len_bytes as u64));
+            }
             let seg = Segment::open(&*fs, &newest.path, newest.header.first_lsn, true)?;
             drop(newest);
             if let Some((result, offset, reason)) = torn {
