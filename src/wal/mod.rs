@@ -6,6 +6,12 @@
 //!
 //! - [`Wal::open`] takes the directory's writer lock and runs the recovery scan: every checksum
 //!   is verified, a torn tail is cut (and logged), anything else is a [`WalError::Corrupt`].
+//!   Before anything counts as durable, it fsyncs the directory and every segment (a killed
+//!   predecessor's unsynced appends are still in the page cache). Every record carries the
+//!   durable LSN of the moment it was written, so after a power cut a hole in
+//!   never-acknowledged data (a stretch of zeros followed by intact records) is cut like a
+//!   torn tail, while lost acknowledged data is refused (wal-format.md, "Torn tail versus
+//!   corruption").
 //! - [`Wal::append`] / [`Wal::append_batch`] copy entries into the mapping and return their
 //!   LSNs; [`Wal::sync`] is the durability barrier. Concurrent callers of [`Wal::sync`] and
 //!   [`Wal::append_durable`] share syncs (group commit with a leader/follower barrier).
