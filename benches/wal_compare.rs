@@ -12,7 +12,10 @@
 //! Workloads (128-byte entries everywhere):
 //! 1. records/s with one sync every 1, 16, 256 and 4096 records: ours (`append` x N, then
 //!    `sync`) against the raw floor (one `pwrite` of the N records into a preallocated file,
-//!    then `fdatasync`);
+//!    then `fdatasync`) and against its fair twin, the fresh-file floor (the same, but into
+//!    fresh `posix_fallocate`d files of our segment size, created like our segments: a WAL
+//!    that never reuses files pays allocation, unwritten-extent conversion and first-touch
+//!    faults that rewriting one cached file in place does not);
 //! 2. sync latency p50/p99 of those same runs;
 //! 3. durable append, 1 and 8 writers, each waiting for its own entry: ours
 //!    (`append_durable`), okaywal 0.3.1 (`begin_entry` / `write_chunk` / `commit`) and
@@ -241,6 +244,77 @@ impl RawLog {
             pos: 0,
             buf: Vec::with_capacity(4096 * REC),
         })
+    }
+}
+
+/// The raw floor's fair twin: fresh files of our segment size, each created the way our
+/// segments are (`posix_fallocate`, `fsync`, directory `fsync`), one `pwrite` per group and
+/// `fdatasync`; a new file when the group does not fit (created inside the group that needs
+/// it, as our roll is). Files are never reused, like ours.
+struct FreshRawLog {
+    dir: PathBuf,
+    size: u64,
+    file: File,
+    pos: u64,
+    files: u64,
+    buf: Vec<u8>,
+}
+
+impl FreshRawLog {
+    fn create(dir: &Path, size: u64) -> io::Result<FreshRawLog> {
+        let file = FreshRawLog::new_file(dir, 0, size)?;
+        Ok(FreshRawLog {
+            dir: dir.to_path_buf(),
+            size,
+            file,
+            pos: 0,
+            files: 1,
+            buf: Vec::with_capacity(4096 * REC),
+        })
+    }
+
+    fn new_file(dir: &Path, n: u64, size: u64) -> io::Result<File> {
+        let path = dir.join(format!("fresh-{n:08}.log"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        // SAFETY: valid fd, non-negative offset and length.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        file.sync_all()?;
+        File::open(dir)?.sync_all()?;
+        Ok(file)
+    }
+}
+
+impl GroupLog for FreshRawLog {
+    fn append_group(&mut self, rec: &[u8], n: usize) {
+        self.buf.clear();
+        for _ in 0..n {
+            self.buf.extend_from_slice(rec);
+        }
+        let len = self.buf.len() as u64;
+        if self.pos + len > self.size {
+            // The full file is synced before the next exists, as our roll syncs a segment.
+            self.file.sync_data().expect("fresh fdatasync");
+            self.file =
+                FreshRawLog::new_file(&self.dir, self.files, self.size).expect("fresh file");
+            self.files += 1;
+            self.pos = 0;
+        }
+        self.file
+            .write_all_at(&self.buf, self.pos)
+            .expect("fresh pwrite");
+        self.pos += len;
+    }
+
+    fn sync(&mut self) {
+        self.file.sync_data().expect("fresh fdatasync");
     }
 }
 
@@ -633,14 +707,27 @@ fn main() {
     const ROUNDS: usize = 2;
     let (warm, per_round) = (secs(0.25), secs(2.0));
     let mut interval_rows: Vec<(usize, IntervalStats, IntervalStats)> = Vec::new();
+    // The fresh-file floor, per interval, measured in the same alternating rounds.
+    let mut fresh_rows: Vec<(usize, IntervalStats)> = Vec::new();
     for &n in &INTERVALS {
         log(format!("group commit, sync every {n} records"));
         let od = tempdir_in(&base, "ours-interval-");
         let rd = tempdir_in(&base, "raw-interval-");
         let wal = ours_open(od.path());
         let mut raw = RawLog::create(rd.path(), RAW_FILE_BYTES, prealloc).expect("raw create");
+        let fd = tempdir_in(&base, "fresh-interval-");
+        let mut fresh = FreshRawLog::create(fd.path(), SEGMENT_BYTES).expect("fresh create");
         let (mut o, mut r) = (IntervalStats::default(), IntervalStats::default());
+        let mut f = IntervalStats::default();
         for _ in 0..ROUNDS {
+            f.merge(run_interval(
+                &mut fresh,
+                n,
+                &rec,
+                warm,
+                per_round,
+                dev.as_ref(),
+            ));
             let mut ol = OursLog(&wal);
             o.merge(run_interval(
                 &mut ol,
@@ -661,10 +748,13 @@ fn main() {
         }
         o.finish();
         r.finish();
+        f.finish();
         drop(wal);
         keep.push(od);
         keep.push(rd);
+        keep.push(fd);
         interval_rows.push((n, o, r));
+        fresh_rows.push((n, f));
     }
 
     // ---- Workload 3: durable append, 1 and 8 writers, alternating rounds ---------------
@@ -887,6 +977,20 @@ fn main() {
         g,
         verdict(g >= 0.75)
     );
+    let f4096 = &fresh_rows
+        .iter()
+        .find(|(k, _)| *k == 4096)
+        .expect("fresh result")
+        .1;
+    let gf = o4096.rate() / f4096.rate();
+    let _ = writeln!(
+        w,
+        "| sync every 4096 records, records/s (vs fresh-file floor) | {} | {} | {:.2}x | >= 0.75x: {} |",
+        fmt_rate(o4096.rate()),
+        fmt_rate(f4096.rate()),
+        gf,
+        verdict(gf >= 0.75)
+    );
     let _ = writeln!(
         w,
         "| recovery scan, record MB/s (median of 3 opens) | {:.0} MB/s | 1000 MB/s | {:.2}x | >= 1 GB/s: {} |",
@@ -923,6 +1027,26 @@ fn main() {
         w,
         "\nAppend time: ours `append` x N; raw copying N records into one buffer + one pwrite.\n"
     );
+    let _ = writeln!(
+        w,
+        "| records/sync | ours rec/s | raw floor (one file rewritten in place) | fresh-file floor (new fallocated {} MiB files) | ours / raw | ours / fresh | fresh fdatasync p50 / p99 |",
+        SEGMENT_BYTES >> 20
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|");
+    for ((n, o, r), (_, f)) in interval_rows.iter().zip(&fresh_rows) {
+        let _ = writeln!(
+            w,
+            "| {n} | {} | {} | {} | {:.2}x | {:.2}x | {} / {} |",
+            fmt_rate(o.rate()),
+            fmt_rate(r.rate()),
+            fmt_rate(f.rate()),
+            o.rate() / r.rate(),
+            o.rate() / f.rate(),
+            fmt_us(pct_us(&f.sync_ns, 50.0)),
+            fmt_us(pct_us(&f.sync_ns, 99.0)),
+        );
+    }
+    let _ = writeln!(w);
     let _ = writeln!(
         w,
         "| records/sync | ours dev bytes/sync | raw dev bytes/sync | ratio | ours / raw dirtied bytes/sync | ours / raw page faults/sync |"

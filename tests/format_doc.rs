@@ -9,7 +9,8 @@ use std::path::Path;
 
 use common::*;
 use settlement_wal::wal::format::{
-    encode_payload, encode_record, CommitPayload, RecordType, SegmentHeader, MIN_SEGMENT_SIZE_BYTES,
+    encode_payload, encode_record_with, CommitPayload, RecordMeta, RecordType, SegmentHeader,
+    MIN_SEGMENT_SIZE_BYTES,
 };
 use settlement_wal::wal::{inspect, Wal, WalIdentity};
 
@@ -32,19 +33,38 @@ fn example_segment() -> (Vec<u8>, usize) {
     );
     let hasher = header.record_hasher();
     let mut bytes = header.encode().to_vec();
-    bytes.extend(encode_record(
+    // Nothing is durable when the two entries are written (bound 0); the commit marker follows
+    // the sync that made both durable (bound 2).
+    let bound = |lsn| RecordMeta {
+        durable_bound: Some(lsn),
+        lsn_jump: false,
+    };
+    bytes.extend(encode_record_with(
         &hasher,
         RecordType::Entry,
         1,
+        bound(0),
         b"trade 9001 BTC-USDT 3@65000",
     ));
-    bytes.extend(encode_record(&hasher, RecordType::Entry, 2, b"deposit"));
+    bytes.extend(encode_record_with(
+        &hasher,
+        RecordType::Entry,
+        2,
+        bound(0),
+        b"deposit",
+    ));
     let commit = encode_payload(&CommitPayload {
         first_lsn: 1,
         last_lsn: 2,
     })
     .unwrap();
-    bytes.extend(encode_record(&hasher, RecordType::Commit, 3, &commit));
+    bytes.extend(encode_record_with(
+        &hasher,
+        RecordType::Commit,
+        3,
+        bound(2),
+        &commit,
+    ));
     let used = bytes.len();
     bytes.resize(MIN_SEGMENT_SIZE_BYTES as usize, 0);
     (bytes, used)

@@ -283,6 +283,32 @@ fn wal_ops_seeds() -> Vec<(&'static str, Vec<WalOpsStep>)> {
             ],
         ),
         (
+            // Records after a sync, then a lost sector among the unsynced ones followed by
+            // intact unsynced records: a power cut's hole, cut, with an LSN jump.
+            "seed-power-cut-hole-in-unsynced-records",
+            vec![
+                append(4, 3, 5),
+                Sync,
+                append(8, 3, 6),
+                flip(1, 2 | 8, 20_000, 0),
+                append(1, 0, 7),
+                Sync,
+                Reopen,
+            ],
+        ),
+        (
+            // The same hole among synced records, proven acknowledged by a commit marker
+            // written after the sync: corruption.
+            "seed-lost-sector-in-acknowledged-records",
+            vec![
+                append(8, 3, 5),
+                Sync,
+                commit_all,
+                flip(1, 1 | 8, 16_000, 0),
+                Reopen,
+            ],
+        ),
+        (
             "seed-flip-in-tail-zeros",
             vec![
                 append(3, 2, 4),

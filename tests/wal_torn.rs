@@ -65,6 +65,12 @@ fn truncating_at_every_offset_of_the_last_records_drops_only_the_cut_record() {
         );
         let wal = Wal::open(work.path(), small_options())
             .unwrap_or_else(|e| panic!("cut at {cut}: open failed: {e}"));
+        // Loud: a short newest segment is never a crash's doing.
+        assert_eq!(
+            wal.open_report().short_newest_segment,
+            Some((copy.clone(), cut as u64)),
+            "cut at {cut}"
+        );
         // A record survives when its header and payload are wholly before the cut (padding is
         // zeros and may be cut: the file is re-extended with zeros).
         let expected_next = layout

@@ -192,7 +192,11 @@ impl SyncBarrier {
         }
         self.arrivals_at_sync
             .store(self.arrivals.load(Ordering::Acquire), Ordering::Release);
+        // A panic inside `sync` must not park every later caller forever: the guard fails the
+        // barrier and wakes everyone while the panic unwinds.
+        let guard = PanicGuard { barrier: self };
         let result = sync();
+        std::mem::forget(guard);
         let out = match result {
             Ok(end_lsn) => {
                 assert!(end_lsn >= target, "a leader syncs at least its own target");
@@ -237,6 +241,23 @@ impl SyncBarrier {
                 |_| DEFAULT_UNPARK_TOKEN,
             );
         }
+    }
+}
+
+/// Armed while a leader runs its sync; dropped only when that sync panics.
+struct PanicGuard<'a> {
+    barrier: &'a SyncBarrier,
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        let b = self.barrier;
+        b.failed_cause
+            .lock()
+            .get_or_insert_with(|| "a sync panicked (see the panic message); nothing after the last successful sync is durable".to_string());
+        b.failed.store(true, Ordering::Release);
+        b.leader_active.store(false, Ordering::Release);
+        b.wake_after_sync();
     }
 }
 
@@ -295,6 +316,42 @@ mod tests {
             syncs < 4000,
             "no sync was shared ({syncs} syncs for 4000 entries)"
         );
+    }
+
+    #[test]
+    fn a_panicking_sync_fails_the_barrier_instead_of_parking_everyone() {
+        let b = Arc::new(SyncBarrier::new(0, Duration::ZERO));
+        let in_sync = Arc::new(AtomicBool::new(false));
+        let leader = {
+            let (b, in_sync) = (b.clone(), in_sync.clone());
+            std::thread::spawn(move || {
+                b.sync_to(
+                    1,
+                    || -> Result<u64, String> {
+                        in_sync.store(true, Ordering::Release);
+                        std::thread::sleep(Duration::from_millis(50));
+                        panic!("sync panicked on purpose")
+                    },
+                    |c| c,
+                    |e: &String| e.clone(),
+                )
+            })
+        };
+        while !in_sync.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        // Arrives while the leader is inside its sync, so it parks behind it.
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.sync_to(1, || Ok(1), |c| c, |e: &String| e.clone()))
+        };
+        assert!(leader.join().is_err(), "the leader's panic propagates");
+        let r = waiter
+            .join()
+            .expect("the waiter returns instead of parking forever");
+        assert!(r.unwrap_err().contains("panicked"));
+        let later: Result<u64, String> = b.sync_to(2, || Ok(2), |c| c, |e| e.clone());
+        assert!(later.unwrap_err().contains("panicked"));
     }
 
     #[test]

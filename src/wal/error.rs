@@ -144,7 +144,7 @@ pub enum WalError {
     /// A sync (or another write) failed earlier. The WAL never retries a failed sync as if the data
     /// were durable; it refuses all further work instead.
     #[error(
-        "WAL is in a failed state after an earlier error ({cause}); drop it and reopen, which re-verifies everything from disk"
+        "WAL is in a failed state after an earlier error ({cause}); nothing after the last successful sync counts as durable. Drop it and reopen: the reopen syncs every segment, drops its cached pages and re-reads it from the medium (where the marker file SYNC_FAILED could be left; otherwise drop the page cache or reboot first)"
     )]
     Failed {
         /// The first error, as text.

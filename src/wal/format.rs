@@ -6,13 +6,17 @@
 //! A segment file is a 64-byte [`SegmentHeader`] followed by records, each 8-byte aligned:
 //!
 //! ```text
-//! record header (24 bytes)        payload              padding
-//! +------+----+-----+-----+-----+-----+------------------+---------+
-//! | len  |type|flags| rsv | lsn | crc | payload (len B)  | 0..7 x 0|
-//! | u32  | u8 | u8  | u16 | u64 | u32 |                  |         |
-//! +------+----+-----+-----+-----+-----+------------------+---------+
-//!   0     4    5     6     8     16/20 -> see RECORD_* constants
+//! record header (24 bytes)                 payload              padding
+//! +------+----+-----+-----+-----+------+-----+------------------+---------+
+//! | len  |type|flags| rsv | lsn | dist | crc | payload (len B)  | 0..7 x 0|
+//! | u32  | u8 | u8  | u16 | u64 | u32  | u32 |                  |         |
+//! +------+----+-----+-----+-----+------+-----+------------------+---------+
+//!   0     4    5     6     8     16     20 -> see RH_* constants
 //! ```
+//!
+//! `dist` (format version 2) is the durable distance: `lsn - durable bound`, where every LSN at
+//! or below the bound was acknowledged durable when the record was written (0 = unknown);
+//! `flags` bit 0 marks an LSN jump ([`RECORD_FLAG_LSN_JUMP`]). Both are zero in version 1.
 //!
 //! All integers are little-endian. The record checksum is CRC32 (Castagnoli is not used; this is
 //! the IEEE polynomial of `crc32fast`) over `salt (8 bytes) || header bytes 0..20 || payload`,
@@ -79,10 +83,23 @@ const RH_TYPE: usize = 4;
 const RH_FLAGS: usize = 5;
 const RH_RESERVED16: usize = 6;
 const RH_LSN: usize = 8;
-const RH_RESERVED32: usize = 16;
+/// Version 2: the durable distance (`lsn - durable bound`, 0 = unknown); reserved zero in
+/// version 1.
+const RH_DURABLE_DISTANCE: usize = 16;
 const RH_CRC: usize = 20;
 /// Bytes of the record header covered by the checksum (everything before the CRC field).
 const RH_CHECKSUMMED: usize = 20;
+
+/// Record flag (version 2): this record's LSN is above the next expected LSN. A recovery cut a
+/// hole of never-acknowledged records followed by valid ones (with LSNs up to this one's
+/// minus 1) and wrote this record so that no LSN it saw is ever used again. Every other flag
+/// bit is zero.
+pub const RECORD_FLAG_LSN_JUMP: u8 = 1;
+/// Smallest record on disk: a header and a 1-byte payload, padded.
+pub const MIN_RECORD_SIZE_BYTES: usize = align_up(RECORD_HEADER_SIZE_BYTES + 1);
+/// Largest LSN jump a [`RECORD_FLAG_LSN_JUMP`] record may make: the LSNs it skips were held by
+/// records of one segment, so there were at most this many.
+pub const MAX_LSN_JUMP: u64 = MAX_SEGMENT_SIZE_BYTES / MIN_RECORD_SIZE_BYTES as u64;
 
 /// Rounds `n` up to the record alignment.
 pub const fn align_up(n: usize) -> usize {
@@ -433,11 +450,51 @@ fn read_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Builds the 24-byte header of a record and returns it with the record checksum filled in.
+/// What a version 2 record header says besides type, LSN and length.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordMeta {
+    /// Every LSN at or below this was acknowledged durable when the record was written (`None`:
+    /// unknown, as in every version 1 record). Stored as the distance `lsn - bound` in bytes
+    /// 16..20; a distance that does not fit is stored as 0 (unknown), which recovery treats as
+    /// "everything before this record may have been acknowledged".
+    pub durable_bound: Option<Lsn>,
+    /// [`RECORD_FLAG_LSN_JUMP`]: this record's LSN is above the next expected one.
+    pub lsn_jump: bool,
+}
+
+/// Builds the 24-byte header of a record without [`RecordMeta`] (bound unknown, no flags: bytes
+/// valid in a version 1 and a version 2 segment) and returns it with the checksum filled in.
 pub fn encode_record_header(
     hasher: &crc32fast::Hasher,
     record_type: RecordType,
     lsn: Lsn,
+    payload: &[u8],
+) -> [u8; RECORD_HEADER_SIZE_BYTES] {
+    encode_record_header_with(hasher, record_type, lsn, RecordMeta::default(), payload)
+}
+
+/// The durable distance stored for `bound` in the record `lsn`: `lsn - bound`, or 0 (unknown)
+/// when it does not fit in 32 bits.
+fn durable_distance(lsn: Lsn, bound: Option<Lsn>) -> u32 {
+    match bound {
+        Some(bound) => {
+            assert!(
+                bound < lsn,
+                "durable bound {bound} of record {lsn} is not below it"
+            );
+            u32::try_from(lsn - bound).unwrap_or(0)
+        }
+        None => 0,
+    }
+}
+
+/// Builds the 24-byte header of a version 2 record carrying `meta` and returns it with the
+/// record checksum filled in.
+pub fn encode_record_header_with(
+    hasher: &crc32fast::Hasher,
+    record_type: RecordType,
+    lsn: Lsn,
+    meta: RecordMeta,
     payload: &[u8],
 ) -> [u8; RECORD_HEADER_SIZE_BYTES] {
     assert!(
@@ -451,7 +508,12 @@ pub fn encode_record_header(
     let mut h = [0u8; RECORD_HEADER_SIZE_BYTES];
     h[RH_LEN..RH_LEN + 4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     h[RH_TYPE] = record_type as u8;
+    if meta.lsn_jump {
+        h[RH_FLAGS] = RECORD_FLAG_LSN_JUMP;
+    }
     h[RH_LSN..RH_LSN + 8].copy_from_slice(&lsn.to_le_bytes());
+    h[RH_DURABLE_DISTANCE..RH_DURABLE_DISTANCE + 4]
+        .copy_from_slice(&durable_distance(lsn, meta.durable_bound).to_le_bytes());
     let mut crc = hasher.clone();
     crc.update(&h[..RH_CHECKSUMMED]);
     crc.update(payload);
@@ -467,11 +529,23 @@ pub fn encode_record(
     lsn: Lsn,
     payload: &[u8],
 ) -> Vec<u8> {
+    encode_record_with(hasher, record_type, lsn, RecordMeta::default(), payload)
+}
+
+/// [`encode_record`] of a version 2 record carrying `meta`.
+pub fn encode_record_with(
+    hasher: &crc32fast::Hasher,
+    record_type: RecordType,
+    lsn: Lsn,
+    meta: RecordMeta,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut out = vec![0u8; record_size(payload.len())];
-    out[..RECORD_HEADER_SIZE_BYTES].copy_from_slice(&encode_record_header(
+    out[..RECORD_HEADER_SIZE_BYTES].copy_from_slice(&encode_record_header_with(
         hasher,
         record_type,
         lsn,
+        meta,
         payload,
     ));
     out[RECORD_HEADER_SIZE_BYTES..RECORD_HEADER_SIZE_BYTES + payload.len()]
@@ -493,6 +567,8 @@ pub struct RecordView<'a> {
     /// Total on-disk size including header and padding. (At the very end of a truncated file the
     /// padding may lie past the bytes given.)
     pub size_bytes: usize,
+    /// The durable bound and flags of the header (all unknown/clear in a version 1 record).
+    pub meta: RecordMeta,
 }
 
 /// Why the bytes at an offset are not a valid record.
@@ -517,7 +593,9 @@ pub enum RecordError {
         /// The byte found.
         found: u8,
     },
-    /// Flags or reserved bytes are not zero.
+    /// Flags or reserved bytes hold a value the segment's format version does not allow
+    /// (version 1: anything but zero; version 2: a flag other than [`RECORD_FLAG_LSN_JUMP`],
+    /// non-zero bytes 6..8, or a durable distance larger than the LSN).
     NonZeroReserved,
     /// The checksum does not match.
     ChecksumMismatch {
@@ -548,7 +626,10 @@ impl std::fmt::Display for RecordError {
                 write!(f, "zero length field but the rest of the record header is not zero")
             }
             RecordError::BadType { found } => write!(f, "unknown record type {found}"),
-            RecordError::NonZeroReserved => write!(f, "reserved header bytes are not zero"),
+            RecordError::NonZeroReserved => write!(
+                f,
+                "flags or reserved header bytes hold a value this format version does not allow"
+            ),
             RecordError::ChecksumMismatch { stored, computed } => write!(
                 f,
                 "record checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
@@ -569,12 +650,24 @@ pub enum Decoded<'a> {
     Invalid(RecordError),
 }
 
-/// Decodes the record starting at `offset` of `segment` (the whole segment's bytes). Never
-/// panics and never reads outside `segment` or more than [`MAX_RECORD_SIZE_BYTES`] past `offset`.
+/// Decodes the record starting at `offset` of `segment` (the whole segment's bytes) by the
+/// rules of the current [`FORMAT_VERSION`]. Never panics and never reads outside `segment` or
+/// more than [`MAX_RECORD_SIZE_BYTES`] past `offset`.
 pub fn decode_record<'a>(
     segment: &'a [u8],
     offset: usize,
     hasher: &crc32fast::Hasher,
+) -> Decoded<'a> {
+    decode_record_in(segment, offset, hasher, FORMAT_VERSION)
+}
+
+/// [`decode_record`] by the rules of format `version` (the segment header's): version 1 records
+/// have zero flags and zero bytes 16..20.
+pub fn decode_record_in<'a>(
+    segment: &'a [u8],
+    offset: usize,
+    hasher: &crc32fast::Hasher,
+    version: u32,
 ) -> Decoded<'a> {
     let available = segment.len().saturating_sub(offset);
     if available < RECORD_HEADER_SIZE_BYTES {
@@ -603,12 +696,24 @@ pub fn decode_record<'a>(
     let Some(record_type) = RecordType::from_byte(h[RH_TYPE]) else {
         return Decoded::Invalid(RecordError::BadType { found: h[RH_TYPE] });
     };
-    if h[RH_FLAGS] != 0
+    let lsn = read_u64(h, RH_LSN);
+    let distance = read_u32(h, RH_DURABLE_DISTANCE);
+    let allowed_flags = if version >= 2 {
+        RECORD_FLAG_LSN_JUMP
+    } else {
+        0
+    };
+    if h[RH_FLAGS] & !allowed_flags != 0
         || h[RH_RESERVED16..RH_RESERVED16 + 2] != [0, 0]
-        || h[RH_RESERVED32..RH_RESERVED32 + 4] != [0, 0, 0, 0]
+        || (version < 2 && distance != 0)
+        || u64::from(distance) > lsn
     {
         return Decoded::Invalid(RecordError::NonZeroReserved);
     }
+    let meta = RecordMeta {
+        durable_bound: (distance != 0).then(|| lsn - u64::from(distance)),
+        lsn_jump: h[RH_FLAGS] & RECORD_FLAG_LSN_JUMP != 0,
+    };
     let size = record_size(len as usize);
     // Only header and payload must be present: padding cut off by the end of a short (truncated)
     // file reads as the zeros the file is re-extended with.
@@ -637,8 +742,9 @@ pub fn decode_record<'a>(
     Decoded::Record(RecordView {
         offset,
         record_type,
-        lsn: read_u64(h, RH_LSN),
+        lsn,
         payload,
         size_bytes: size,
+        meta,
     })
 }

@@ -41,6 +41,63 @@ pub trait WalFs: Send + Sync + std::fmt::Debug + 'static {
     fn sync_range(&self, map: &MmapRaw, path: &Path, offset: usize, len: usize) -> io::Result<()>;
     /// Makes a directory's entries (created, renamed, removed files) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Creates (or truncates) the file `path` for reading and writing. Every file the WAL
+    /// creates comes here, so a recording implementation sees each directory entry appear.
+    fn create_file(&self, path: &Path) -> io::Result<File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+    }
+    /// Renames `from` to `to` (same file system). Without `replace`, an existing `to` is an
+    /// [`io::ErrorKind::AlreadyExists`] error and nothing changes (`renameat2(RENAME_NOREPLACE)`,
+    /// or a hard link and an unlink where the file system lacks it); with it, `to` is replaced
+    /// atomically. Not durable until [`WalFs::sync_dir`] of both directories.
+    fn rename(&self, from: &Path, to: &Path, replace: bool) -> io::Result<()> {
+        if replace {
+            std::fs::rename(from, to)
+        } else {
+            rename_noreplace(from, to)
+        }
+    }
+    /// Removes the file `path`. Not durable until [`WalFs::sync_dir`] of its directory.
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+}
+
+/// `rename(2)` that never replaces an existing `to`: `renameat2(RENAME_NOREPLACE)`, falling back
+/// to `link` + `unlink` on file systems without it (`EINVAL`, `ENOSYS`).
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths; plain syscall.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(err),
+    }
 }
 
 /// The real file system.

@@ -152,7 +152,7 @@ pub const OPS_APPEND_BUDGET_BYTES: usize = 1536 * 1024;
 /// | 8-9 | commit a range (valid over the durable entries, or arbitrary and then checked against the rules) | mode, a, b |
 /// | 10 | checkpoint | - |
 /// | 11-12 | crash-cut: drop the WAL, then truncate or zero one segment from an offset to its end | segment, how, offset (u16) |
-/// | 13 | bit-flip: drop the WAL, then flip one bit of one segment | segment, how, offset (u16), bit |
+/// | 13 | bit-flip: drop the WAL, then flip one bit of one segment; with `how & 8`, zero the 512-byte sector holding that offset instead (a power cut's hole) | segment, how, offset (u16), bit |
 /// | 14-15 | reopen (a clean drop and open) | - |
 ///
 /// Missing bytes read as zero; at most [`OPS_MAX`] operations and [`OPS_APPEND_BUDGET_BYTES`]
@@ -421,6 +421,9 @@ mod ops {
         /// First LSN of the oldest segment file (records below it were removed by checkpoints).
         first_live_lsn: Lsn,
         appended_bytes: usize,
+        /// For each record appended: the durable LSN when it was appended (its header's durable
+        /// bound must be at least this).
+        bound_floor: BTreeMap<Lsn, Lsn>,
     }
 
     impl Model {
@@ -432,6 +435,7 @@ mod ops {
                 durable_lsn: 0,
                 first_live_lsn: 1,
                 appended_bytes: 0,
+                bound_floor: BTreeMap::new(),
             }
         }
 
@@ -445,6 +449,7 @@ mod ops {
                 Rec::Checkpoint(w, _) => self.mark_committed(1, *w),
             }
             self.records.insert(lsn, rec);
+            self.bound_floor.insert(lsn, self.durable_lsn);
             self.next_lsn += 1;
             lsn
         }
@@ -478,6 +483,7 @@ mod ops {
                 }
             }
             self.records = kept.into_iter().filter(|(l, _)| *l < lsn).collect();
+            self.bound_floor.retain(|l, _| *l < lsn);
         }
 
         fn watermark(&self) -> Lsn {
@@ -520,6 +526,8 @@ mod ops {
         offset: usize,
         payload_len: usize,
         lsn: Lsn,
+        /// The durable bound in its header (`None` in a version 1 segment).
+        bound: Option<Lsn>,
     }
 
     impl SnapRec {
@@ -610,6 +618,9 @@ mod ops {
         Opens {
             lost_from: Option<Lsn>,
             torn: Option<(usize, u64)>,
+            /// A hole of never-acknowledged data was cut with valid records after it up to LSN
+            /// `jump_to - 1`: the open writes an LSN-jump checkpoint record with LSN `jump_to`.
+            jump_to: Option<Lsn>,
         },
         /// `WalError::Corrupt` naming this file, offset and expected LSN (`None`: not compared).
         Corrupt {
@@ -619,6 +630,32 @@ mod ops {
         },
         /// `WalError::NotAWal` naming this file (its magic is gone).
         NotAWal { file: usize },
+    }
+
+    /// The model's reading of wal-format.md's "power-cut shape" of a bad record at `o`: its
+    /// first 8 bytes (length, type, flags) are zeros, or its length field is in range and one
+    /// 512-byte sector's part of its header and payload is all zeros.
+    fn zero_shaped(c: &[u8], o: usize) -> bool {
+        if all_zero(c, o, o + 8) {
+            return true;
+        }
+        let Some(len) = c.get(o..o + 4) else {
+            return false;
+        };
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        if len == 0 || len > MAX_PAYLOAD_SIZE_BYTES {
+            return false;
+        }
+        let end = (o + RECORD_HEADER_SIZE_BYTES + len).min(c.len());
+        let mut start = o;
+        while start < end {
+            let sector_end = ((start / 512 + 1) * 512).min(end);
+            if all_zero(c, start, sector_end) {
+                return true;
+            }
+            start = sector_end;
+        }
+        false
     }
 
     /// True when `bytes[from..to]` (clamped to the length) is all zeros. Compares whole chunks
@@ -708,6 +745,7 @@ mod ops {
                 return Expected::Opens {
                     lost_from: None,
                     torn,
+                    jump_to: None,
                 };
             };
             let (o, lsn) = (recs[k].offset, recs[k].lsn);
@@ -728,18 +766,34 @@ mod ops {
                 return Expected::Opens {
                     lost_from: Some(lsn),
                     torn: None,
+                    jump_to: None,
                 };
             }
-            if recs[k + 1..].iter().any(|r| intact(orig, c, r)) {
-                return Expected::Corrupt {
-                    file: i,
-                    offset: o as u64,
-                    expected_lsn: Some(lsn),
-                };
+            let after: Vec<&SnapRec> = recs[k + 1..]
+                .iter()
+                .filter(|r| intact(orig, c, r))
+                .collect();
+            let mut jump_to = None;
+            if !after.is_empty() {
+                // A hole followed by valid records is cut only when every one of them was
+                // written while no LSN from the hole on was acknowledged durable (their bounds),
+                // and the bad record is missing by zeros the way a power cut leaves it.
+                let bounds: Option<Vec<Lsn>> = after.iter().map(|r| r.bound).collect();
+                let proven = bounds.is_none_or(|b| b.iter().any(|&b| b >= lsn));
+                if proven || !zero_shaped(c, o) {
+                    return Expected::Corrupt {
+                        file: i,
+                        offset: o as u64,
+                        expected_lsn: Some(lsn),
+                    };
+                }
+                let max_lsn = after.iter().map(|r| r.lsn).max().expect("not empty");
+                jump_to = (max_lsn >= lsn).then_some(max_lsn + 1);
             }
             return Expected::Opens {
                 lost_from: Some(lsn),
                 torn: Some((i, o as u64)),
+                jump_to,
             };
         }
         unreachable!("a snapshot always has a newest segment")
@@ -1085,6 +1139,8 @@ mod ops {
             );
             self.model.first_live_lsn = first_retained;
             self.model.push(Rec::Checkpoint(watermark, first_retained));
+            // The checkpoint record is synced before the first segment is removed.
+            self.model.durable_lsn = self.model.next_lsn - 1;
             let after = segment_files(&self.dir);
             assert_eq!(
                 after[0].0, first_retained,
@@ -1124,11 +1180,23 @@ mod ops {
                 loop {
                     match decode_record(&f.bytes, offset, &hasher) {
                         Decoded::Record(r) => {
+                            if header.version >= 2 && !r.meta.lsn_jump {
+                                let bound = r.meta.durable_bound.unwrap_or_else(|| {
+                                    panic!("{ctx}: LSN {} has no durable bound", r.lsn)
+                                });
+                                let floor = self.model.bound_floor.get(&r.lsn).copied();
+                                assert!(
+                                    bound < r.lsn && floor.is_none_or(|f| bound >= f),
+                                    "{ctx}: LSN {} carries durable bound {bound}; the model knew LSN {floor:?} durable when it was appended",
+                                    r.lsn
+                                );
+                            }
                             records.push(SnapRec {
                                 file,
                                 offset,
                                 payload_len: r.payload.len(),
                                 lsn: r.lsn,
+                                bound: r.meta.durable_bound,
                             });
                             on_disk.push((r.lsn, r.record_type, r.payload.to_vec()));
                             offset += r.size_bytes;
@@ -1187,9 +1255,20 @@ mod ops {
             let off = snap
                 .pick_offset(file, bytes.len(), how, at)
                 .min(bytes.len() - 1);
-            snap.crash_only = false;
             snap.damaged = true;
-            bytes[off] ^= 1 << (bit % 8);
+            if how & 8 != 0 {
+                // A sector that never reached the disk: zeros (segments are preallocated with
+                // zeros and never rewritten). In the newest segment's unsynced region that is
+                // what a power cut does, and must never fail the open.
+                let start = off - off % 512;
+                let end = (start + 512).min(bytes.len());
+                let newest = file + 1 == snap.files.len();
+                snap.crash_only &= newest && start >= snap.durable_end(file);
+                bytes[start..end].fill(0);
+            } else {
+                snap.crash_only = false;
+                bytes[off] ^= 1 << (bit % 8);
+            }
             std::fs::write(&path, &bytes).expect("write damaged segment");
         }
 
@@ -1212,7 +1291,14 @@ mod ops {
             let opened = Wal::open(&self.dir, options());
             let path_of = |file: usize| snap.files[file].path.clone();
             match (&expect_open, opened) {
-                (Expected::Opens { lost_from, torn }, Ok(wal)) => {
+                (
+                    Expected::Opens {
+                        lost_from,
+                        torn,
+                        jump_to,
+                    },
+                    Ok(wal),
+                ) => {
                     let report = wal.open_report();
                     let got = report
                         .torn_tail
@@ -1229,6 +1315,13 @@ mod ops {
                             );
                         }
                         self.model.lose_from(*lost);
+                    }
+                    if let Some(jump_to) = jump_to {
+                        let m = &mut self.model;
+                        assert!(*jump_to > m.next_lsn, "{ctx}: a jump goes forward");
+                        m.next_lsn = *jump_to;
+                        let checkpoint = Rec::Checkpoint(m.watermark(), m.first_live_lsn);
+                        m.push(checkpoint);
                     }
                     self.model.durable_lsn = self.model.next_lsn - 1;
                     wal

@@ -6,6 +6,12 @@
 //!
 //! - [`Wal::open`] takes the directory's writer lock and runs the recovery scan: every checksum
 //!   is verified, a torn tail is cut (and logged), anything else is a [`WalError::Corrupt`].
+//!   Before anything counts as durable, it fsyncs the directory and every segment (a killed
+//!   predecessor's unsynced appends are still in the page cache). Every record carries the
+//!   durable LSN of the moment it was written, so after a power cut a hole in
+//!   never-acknowledged data (a stretch of zeros followed by intact records) is cut like a
+//!   torn tail, while lost acknowledged data is refused (wal-format.md, "Torn tail versus
+//!   corruption").
 //! - [`Wal::append`] / [`Wal::append_batch`] copy entries into the mapping and return their
 //!   LSNs; [`Wal::sync`] is the durability barrier. Concurrent callers of [`Wal::sync`] and
 //!   [`Wal::append_durable`] share syncs (group commit with a leader/follower barrier).
@@ -59,13 +65,15 @@ pub use error::{Result, WalError};
 pub use format::{Lsn, RecordType, WalIdentity, MAX_PAYLOAD_SIZE_BYTES};
 pub use fs::{OsFs, WalFs};
 pub use inspect::{inspect, inspect_with, Inspection, RecordCounts, SegmentInfo};
-pub use scan::{TailState, ARCHIVE_DIR_NAME, LOCK_FILE_NAME, SCAN_CHUNK_BYTES};
+pub use scan::{
+    TailState, ARCHIVE_DIR_NAME, LOCK_FILE_NAME, SCAN_CHUNK_BYTES, SYNC_FAILED_FILE_NAME,
+};
 
 use barrier::SyncBarrier;
 use format::{
-    encode_payload, encode_record_header, record_size, CheckpointPayload, CommitPayload,
-    DEFAULT_SEGMENT_SIZE_BYTES, MAX_SEGMENT_SIZE_BYTES, MIN_SEGMENT_SIZE_BYTES,
-    RECORD_ALIGNMENT_BYTES, RECORD_HEADER_SIZE_BYTES, SEGMENT_HEADER_SIZE_BYTES,
+    encode_payload, record_size, CheckpointPayload, CommitPayload, DEFAULT_SEGMENT_SIZE_BYTES,
+    MAX_SEGMENT_SIZE_BYTES, MIN_SEGMENT_SIZE_BYTES, RECORD_ALIGNMENT_BYTES,
+    RECORD_HEADER_SIZE_BYTES, SEGMENT_HEADER_SIZE_BYTES,
 };
 use prefault::Prefaulter;
 use segment::Segment;
@@ -79,6 +87,10 @@ pub const MAX_BATCH_RECORDS: usize = 64 * 1024;
 /// page (msync leaves the pages it cleaned write-protected; pages ahead of the synced range
 /// stay writable). A new request goes out when the writer is half a window from its end.
 const PREFAULT_WINDOW_BYTES: usize = 2 * 1024 * 1024;
+
+/// Bytes the writer pages in itself (checked) when it reaches pages the prefault thread has
+/// not populated yet.
+const INLINE_POPULATE_BYTES: usize = 64 * 1024;
 
 /// Bytes read at once for one pending entry ([`Wal::pending`], [`Wal::last_entry`]): most
 /// entries fit; a larger one takes a second read of its exact size.
@@ -208,6 +220,12 @@ pub struct TornTail {
     pub zeroed_bytes: u64,
     /// What was found at the cut.
     pub reason: String,
+    /// Valid records after the cut that were removed with it (a hole in never-acknowledged
+    /// data, format version 2); 0 for a plain torn tail.
+    pub records_cut: u64,
+    /// LSNs the cut records held, never used again (`first..=last`): an LSN-jump record at the
+    /// cut offset makes the next record's LSN `last + 2` (the jump record takes `last + 1`).
+    pub skipped_lsns: Option<(Lsn, Lsn)>,
 }
 
 /// What [`Wal::open`]'s recovery scan found and did.
@@ -225,6 +243,15 @@ pub struct OpenReport {
     pub torn_tail: Option<TornTail>,
     /// Temporary files of interrupted segment creations that were removed.
     pub removed_temp_files: Vec<PathBuf>,
+    /// Segment files fsynced at open (every inherited byte durable before the WAL counts it).
+    pub synced_segments: usize,
+    /// The newest segment was shorter than its header records (`(file, its length)`): it
+    /// was truncated or partly copied by someone (a crash or power cut never does this), and
+    /// whatever it held past that length is lost. It was extended back with zeros.
+    pub short_newest_segment: Option<(PathBuf, u64)>,
+    /// The previous writer failed a sync in this boot ([`SYNC_FAILED_FILE_NAME`] was there):
+    /// every segment was written back, its cached pages dropped, and the scan read the medium.
+    pub reverified_from_medium: bool,
     /// The LSN the next record gets.
     pub next_lsn: Lsn,
     /// Wall time of the scan and repair.
@@ -260,8 +287,16 @@ struct State {
     segments: Vec<Arc<Segment>>,
     /// Offset in the active segment where the next record goes.
     write_offset: usize,
-    /// Start of the active segment's range not yet synced.
+    /// Start of the active segment's range no sync has started on yet.
     sync_from: usize,
+    /// Offset up to which the active segment's syncs have completed (every byte before it is
+    /// durable). A roll syncs from here, not from `sync_from`: a leader's sync of the range
+    /// between them may still be running, and a sealed segment must be wholly durable before
+    /// a newer one exists.
+    durable_offset: usize,
+    /// Every LSN at or below this is durable by the WAL's own doing (at open: everything
+    /// recovered; after a roll: the sealed segment), besides what the barrier published.
+    durable_floor: Lsn,
     /// Offset up to which the active segment's pages were prefaulted writable.
     prefaulted_to: usize,
     next_lsn: Lsn,
@@ -312,8 +347,24 @@ impl Wal {
         options.validate()?;
         let started = Instant::now();
         std::fs::create_dir_all(dir).map_err(|e| WalError::io("creating WAL directory", dir, e))?;
-        let listing = scan::list_dir(dir)?;
+        // A first look refuses a directory of other files before a lock file is put into it;
+        // the listing that counts is taken again under the lock (a writer that held it until
+        // now may have created or removed segments since).
+        let unlocked = scan::list_dir(dir)?;
+        if unlocked.segments.is_empty() && unlocked.temp_files.is_empty() {
+            if let Some(first) = unlocked.foreign.first() {
+                return Err(WalError::NotAWal {
+                    path: dir.to_path_buf(),
+                    what: "directory",
+                    reason: format!(
+                        "it holds other files (such as {}) and no WAL segments; use an empty or new directory",
+                        first.display()
+                    ),
+                });
+            }
+        }
         let lock = acquire_lock(dir)?;
+        let listing = scan::list_dir(dir)?;
         if listing.segments.is_empty() && listing.temp_files.is_empty() {
             if let Some(first) = listing.foreign.first() {
                 return Err(WalError::NotAWal {
@@ -334,6 +385,20 @@ impl Wal {
             // Read-only first: a failed open must not change a single byte on disk.
             segments.push(Arc::new(Segment::open(&*fs, path, *first_lsn, false)?));
         }
+        // After a failed sync in this boot, the page cache may hold bytes the kernel marked
+        // clean although they never reached the medium: write back what is dirty, drop the
+        // cached pages and scan what the medium holds.
+        let marker = dir.join(SYNC_FAILED_FILE_NAME);
+        let reverify = marker.exists();
+        if reverify {
+            tracing::warn!(dir = %dir.display(),
+                "the previous writer failed a sync: re-reading every segment from the medium");
+            for seg in &segments {
+                seg.sync_data(&*fs)?;
+                seg.drop_cached_pages();
+            }
+        }
+        report.reverified_from_medium = reverify;
         let mut identity = directory_identity(&segments)?;
         let next_segment_identity = identity.or(options.identity).unwrap_or(WalIdentity {
             wal_id: segment::random_wal_id(),
@@ -390,43 +455,102 @@ impl Wal {
         }
         // The scan passed: only now remove leftovers of interrupted segment creations, map the
         // newest segment for writing (re-extending a file that was cut short) and cut a torn tail.
+        if let (Some(first_retained), Some(oldest)) = (tracker.first_retained(), segments.first()) {
+            // Checkpoints remove the oldest segments first, each unlink durable before the next
+            // one: the directory may still hold segments below the newest checkpoint's first
+            // retained LSN (an unlink that did not reach the disk), never miss one above it.
+            if oldest.header.first_lsn > first_retained {
+                return Err(WalError::Corrupt {
+                    path: oldest.path.clone(),
+                    offset: 0,
+                    expected_lsn: first_retained,
+                    reason: format!(
+                        "the oldest segment starts at LSN {}, but the newest checkpoint record keeps every segment from LSN {first_retained} on: the segment(s) holding LSNs {first_retained}..{} are missing (deleted or not copied)",
+                        oldest.header.first_lsn,
+                        oldest.header.first_lsn - 1
+                    ),
+                });
+            }
+        }
+        // The scan passed: only now remove leftovers of interrupted segment creations, make
+        // every inherited byte durable, map the newest segment for writing (re-extending a file
+        // that was cut short) and cut a torn tail.
         for tmp in &listing.temp_files {
             tracing::warn!(path = %tmp.display(), "removing the temporary file of an interrupted segment creation");
-            std::fs::remove_file(tmp).map_err(|e| WalError::io("removing", tmp, e))?;
+            fs.remove_file(tmp)
+                .map_err(|e| WalError::io("removing", tmp, e))?;
             report.removed_temp_files.push(tmp.clone());
         }
-        if !listing.temp_files.is_empty() {
-            fs.sync_dir(dir)
-                .map_err(|e| WalError::io("syncing WAL directory", dir, e))?;
+        // Inherited data becomes durable before anything is counted durable: a killed
+        // predecessor may have appended records it never synced (the page cache still holds
+        // them, and a successor's msync of its own pages does not write them), and renamed a
+        // segment into place without its directory sync. Sealed segments were synced by the
+        // roll that sealed them; they are synced again anyway (cheap when clean), as a
+        // directory written by an older build may not have synced what it inherited.
+        fs.sync_dir(dir)
+            .map_err(|e| WalError::io("syncing WAL directory", dir, e))?;
+        for seg in &segments {
+            seg.sync_data(&*fs)?;
         }
+        report.synced_segments = segments.len();
         if let Some(newest) = segments.pop() {
+            if (newest.len_bytes as u64) < newest.header.segment_size_bytes {
+                // Never the result of a crash or a power cut (a segment is preallocated and
+                // its size synced before it gets its name): someone truncated it, or it is a
+                // partial copy. What it held past its end is gone, acknowledged or not.
+                tracing::error!(path = %newest.path.display(), file_bytes = newest.len_bytes,
+                    segment_size_bytes = newest.header.segment_size_bytes,
+                    "the newest segment is shorter than its header records (truncated or partly copied): records past its end are lost; it is extended with zeros");
+                report.short_newest_segment = Some((newest.path.clone(), newest.len_bytes as u64));
+            }
             let seg = Segment::open(&*fs, &newest.path, newest.header.first_lsn, true)?;
+            drop(newest);
             if let Some((result, offset, reason)) = torn {
-                let len = result.dirty_end - result.end_offset;
-                // SAFETY: we hold the writer lock and no reader exists yet.
-                unsafe { seg.zero(result.end_offset, len) };
-                fs.sync_range(seg.map(), &seg.path, result.end_offset, len)
-                    .map_err(|e| WalError::io("syncing the cut torn tail of", &seg.path, e))?;
-                tracing::warn!(path = %seg.path.display(), offset, zeroed_bytes = len, %reason,
-                    "cut a torn tail (an unacknowledged partial write)");
+                let first_retained = segments
+                    .first()
+                    .map_or(seg.header.first_lsn, |s| s.header.first_lsn);
+                let cut = cut_torn_tail(&*fs, &seg, &result, &tracker, first_retained)?;
+                write_offset = cut.write_offset;
+                if let Some((first, last)) = cut.skipped_lsns {
+                    next_lsn = last + 2;
+                    tracing::warn!(path = %seg.path.display(), offset, first_skipped = first,
+                        last_skipped = last, "wrote an LSN-jump record: LSNs of the cut records are never used again");
+                }
+                tracing::warn!(path = %seg.path.display(), offset, zeroed_bytes = cut.zeroed_bytes,
+                    records_cut = cut.records_cut, %reason,
+                    "cut a torn tail (unacknowledged writes)");
                 report.torn_tail = Some(TornTail {
                     path: seg.path.clone(),
                     offset,
-                    zeroed_bytes: len as u64,
+                    zeroed_bytes: cut.zeroed_bytes as u64,
                     reason,
+                    records_cut: cut.records_cut,
+                    skipped_lsns: cut.skipped_lsns,
                 });
             }
+            // The writer pages in (checked) from its first write on.
+            seg.populated_to
+                .store(write_offset - write_offset % 4096, Ordering::Release);
             segments.push(Arc::new(seg));
         }
         if segments.is_empty() {
-            segments.push(Arc::new(Segment::create(
+            let seg = Segment::create(
                 &*fs,
                 dir,
                 next_lsn,
                 options.segment_size_bytes,
                 next_segment_identity,
-            )?));
+                false,
+            )
+            .map_err(|e| e.error)?;
+            segments.push(Arc::new(seg));
             identity = Some(next_segment_identity);
+        }
+        if reverify {
+            // The scan passed on the medium's bytes.
+            if let Err(e) = std::fs::remove_file(&marker) {
+                tracing::warn!(path = %marker.display(), error = %e, "could not remove the re-verification marker");
+            }
         }
         report.segments = listing.segments.len();
         report.record_bytes = record_bytes;
@@ -445,6 +569,8 @@ impl Wal {
                 segments,
                 write_offset,
                 sync_from: write_offset,
+                durable_offset: write_offset,
+                durable_floor: last,
                 prefaulted_to: write_offset,
                 next_lsn,
                 tracker,
@@ -581,6 +707,7 @@ impl Wal {
             segments: st.segments.len(),
             write_offset: st.write_offset,
             sync_from: st.sync_from,
+            durable_offset: st.durable_offset,
             prefaulted_to: st.prefaulted_to,
             next_lsn: st.next_lsn,
         };
@@ -708,7 +835,7 @@ impl Wal {
     /// older segments, are committed. The active segment is never removed, and files are never
     /// reused. Writes a checkpoint record when it removed anything.
     pub fn checkpoint(&self) -> Result<CheckpointReport> {
-        let (watermark, victims) = {
+        let (watermark, victims, checkpoint_lsn) = {
             let mut st = self.state.lock();
             if let Some(cause) = &st.failed {
                 return Err(WalError::Failed {
@@ -744,9 +871,13 @@ impl Wal {
                 first_retained_lsn: st.segments[0].header.first_lsn,
             })
             .expect("a checkpoint payload always encodes");
-            self.append_locked(&mut st, RecordType::Checkpoint, &payload)?;
-            (watermark, victims)
+            let lsn = self.append_locked(&mut st, RecordType::Checkpoint, &payload)?;
+            (watermark, victims, lsn)
         };
+        // The checkpoint record is durable before the first unlink: after a power cut the
+        // directory never lacks a segment the newest durable checkpoint says it keeps, so a
+        // missing segment is always detected at open.
+        self.sync_to(checkpoint_lsn)?;
         let fs = &self.options.fs;
         let mut removed = Vec::with_capacity(victims.len());
         let archive = match &self.options.retention {
@@ -756,28 +887,31 @@ impl Wal {
         if let Some(archive) = &archive {
             std::fs::create_dir_all(archive)
                 .map_err(|e| WalError::io("creating archive directory", archive, e))?;
+            fs.sync_dir(&self.dir)
+                .map_err(|e| WalError::io("syncing WAL directory", &self.dir, e))?;
         }
+        // Oldest first, each removal durable before the next: whatever a power cut keeps of
+        // the victims is a run of the newest ones, so the LSN sequence between the segments
+        // left stays gapless.
         for seg in victims {
             match &archive {
                 Some(archive) => {
                     let to = archive.join(seg.path.file_name().expect("segment has a name"));
-                    std::fs::rename(&seg.path, &to)
+                    fs.rename(&seg.path, &to, false)
                         .map_err(|e| WalError::io("archiving segment", &seg.path, e))?;
+                    fs.sync_dir(archive)
+                        .map_err(|e| WalError::io("syncing archive directory", archive, e))?;
                 }
-                None => std::fs::remove_file(&seg.path)
+                None => fs
+                    .remove_file(&seg.path)
                     .map_err(|e| WalError::io("removing segment", &seg.path, e))?,
             }
+            fs.sync_dir(&self.dir)
+                .map_err(|e| WalError::io("syncing WAL directory", &self.dir, e))?;
             tracing::debug!(path = %seg.path.display(), watermark, "checkpoint released segment");
             removed.push(seg.path.clone());
+            self.stat_segments_removed.fetch_add(1, Ordering::Relaxed);
         }
-        fs.sync_dir(&self.dir)
-            .map_err(|e| WalError::io("syncing WAL directory", &self.dir, e))?;
-        if let Some(archive) = &archive {
-            fs.sync_dir(archive)
-                .map_err(|e| WalError::io("syncing archive directory", archive, e))?;
-        }
-        self.stat_segments_removed
-            .fetch_add(removed.len() as u64, Ordering::Relaxed);
         Ok(CheckpointReport {
             committed_watermark: watermark,
             removed,
@@ -816,7 +950,7 @@ impl Wal {
         let mut problem: Option<WalError> = None;
         let created: Vec<Arc<Segment>> = st.segments.drain(mark.segments..).collect();
         for seg in &created {
-            if let Err(e) = std::fs::remove_file(&seg.path) {
+            if let Err(e) = fs.remove_file(&seg.path) {
                 problem.get_or_insert(WalError::io(
                     "removing the segment of a failed batch",
                     &seg.path,
@@ -849,11 +983,14 @@ impl Wal {
         }
         st.write_offset = mark.write_offset;
         st.sync_from = mark.sync_from;
+        st.durable_offset = mark.durable_offset.min(mark.write_offset);
+        // A roll inside the batch counted the batch's records durable: they are gone again.
+        st.durable_floor = st.durable_floor.min(mark.next_lsn - 1);
         st.prefaulted_to = mark.prefaulted_to;
         st.next_lsn = mark.next_lsn;
         if let Some(e) = problem {
             tracing::error!(error = %e, "could not undo a failed batch; the WAL refuses further work until reopened");
-            st.failed.get_or_insert(e.to_string());
+            self.fail(st, e.to_string());
         }
     }
 
@@ -877,8 +1014,42 @@ impl Wal {
         }
         let lsn = st.next_lsn;
         let seg = st.segments.last().expect("an active segment").clone();
-        let header = encode_record_header(&seg.hasher, record_type, lsn, payload);
+        // Version 2 records carry the durable lower bound: recovery uses it to tell a hole of
+        // never-acknowledged data (a power cut) from lost acknowledged data (corruption).
+        // Version 1 segments (an old active segment) keep version 1 records.
+        let meta = if seg.header.version >= 2 {
+            let bound = self.barrier.durable_lsn().max(st.durable_floor);
+            assert!(bound < lsn, "durable bound {bound} at or above LSN {lsn}");
+            format::RecordMeta {
+                durable_bound: Some(bound),
+                lsn_jump: false,
+            }
+        } else {
+            format::RecordMeta::default()
+        };
+        let header =
+            format::encode_record_header_with(&seg.hasher, record_type, lsn, meta, payload);
         let offset = st.write_offset;
+        // Only pages paged in with a checked populate are written: an EIO reading the page at
+        // the write offset, or a file truncated under the writer, is an error here instead of
+        // a SIGBUS in the copy below.
+        let populated = seg.populated_to.load(Ordering::Acquire);
+        if offset + size > populated {
+            // Ahead of the prefault thread (or at a new segment's start): a chunk inline, so a
+            // writer that catches up pays one madvise per chunk, not per record.
+            let to = (offset + size)
+                .max(populated + INLINE_POPULATE_BYTES)
+                .min(seg.len_bytes);
+            if let Err(e) = prefault::populate(&seg, populated, to) {
+                let err = WalError::Io {
+                    op: "paging in the next page of the active segment (a write there would raise SIGBUS: the disk failed reading it, or the file was truncated under the writer)",
+                    path: seg.path.clone(),
+                    source: e,
+                };
+                self.fail(st, err.to_string());
+                return Err(err);
+            }
+        }
         debug_assert!(
             seg.mapped_bytes()[offset..offset + size]
                 .iter()
@@ -899,7 +1070,10 @@ impl Wal {
                 let busy = self.stat_bytes.load(Ordering::Relaxed) >= PREFAULT_WINDOW_BYTES as u64;
                 match busy.then(|| self.prefaulter.get_or_init(Prefaulter::start)) {
                     Some(Some(p)) => p.request(seg.clone(), from, to),
-                    _ => prefault::populate(&seg, from, to),
+                    _ => {
+                        // Ahead of need; the write path checks what it needs itself.
+                        let _ = prefault::populate(&seg, from, to);
+                    }
                 }
             }
             st.prefaulted_to = to;
@@ -928,24 +1102,47 @@ impl Wal {
             "every new segment of one WAL carries its wal_id"
         );
         let active = st.segments.last().expect("an active segment").clone();
-        if st.write_offset > st.sync_from {
-            if let Err(e) = active.sync_appended(&*self.options.fs, st.sync_from, st.write_offset) {
+        // From the durable offset, not from where the last sync started: a leader's sync of the
+        // range between them may still be running, and the sealed segment must be wholly
+        // durable before a newer segment exists (only the newest may have a torn tail).
+        if st.write_offset > st.durable_offset {
+            if let Err(e) =
+                active.sync_appended(&*self.options.fs, st.durable_offset, st.write_offset)
+            {
                 let err = WalError::io("syncing sealed segment", &active.path, e);
-                st.failed = Some(err.to_string());
+                self.fail(st, err.to_string());
                 return Err(err);
             }
             self.stat_syncs.fetch_add(1, Ordering::Relaxed);
         }
-        let seg = Segment::create(
+        st.durable_offset = st.write_offset;
+        st.sync_from = st.write_offset;
+        st.durable_floor = st.durable_floor.max(st.next_lsn - 1);
+        let empty = active.header.first_lsn == st.next_lsn;
+        if empty {
+            assert_eq!(st.write_offset, SEGMENT_HEADER_SIZE_BYTES);
+        }
+        let seg = match Segment::create(
             &*self.options.fs,
             &self.dir,
             st.next_lsn,
             self.options.segment_size_bytes,
             identity,
-        )?;
-        if active.header.first_lsn == st.next_lsn {
+            empty,
+        ) {
+            Ok(seg) => seg,
+            Err(e) => {
+                if e.name_taken || empty {
+                    // A file of the new segment's name may be in the directory (or replaced
+                    // the empty active one): appending LSN `next_lsn` to the old segment now
+                    // would make the next open see two segments claiming it.
+                    self.fail(st, e.error.to_string());
+                }
+                return Err(e.error);
+            }
+        };
+        if empty {
             // No record in the active segment: the new file replaced it under the same name.
-            assert_eq!(st.write_offset, SEGMENT_HEADER_SIZE_BYTES);
             st.segments.pop();
         }
         st.segments.push(Arc::new(seg));
@@ -953,9 +1150,24 @@ impl Wal {
         st.next_segment_identity = identity;
         st.write_offset = SEGMENT_HEADER_SIZE_BYTES;
         st.sync_from = SEGMENT_HEADER_SIZE_BYTES;
+        st.durable_offset = SEGMENT_HEADER_SIZE_BYTES;
         st.prefaulted_to = SEGMENT_HEADER_SIZE_BYTES;
         self.stat_segments_created.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Enters the failed state (the first cause wins) and leaves the [`SYNC_FAILED_FILE_NAME`]
+    /// marker, so that the next open in this boot re-reads every segment from the medium
+    /// instead of the page cache (not synced: after a reboot the cache is cold anyway).
+    fn fail(&self, st: &mut State, cause: String) {
+        if st.failed.is_none() {
+            let marker = self.dir.join(SYNC_FAILED_FILE_NAME);
+            if let Err(e) = std::fs::write(&marker, cause.as_bytes()) {
+                tracing::error!(path = %marker.display(), error = %e,
+                    "could not leave the marker that makes the next open re-read the WAL from the medium; drop the page cache (or reboot) before reopening");
+            }
+            st.failed = Some(cause);
+        }
     }
 
     fn sync_to(&self, target: Lsn) -> Result<Lsn> {
@@ -984,11 +1196,25 @@ impl Wal {
             if let Err(e) = seg.sync_appended(&*self.options.fs, from, to) {
                 let err = WalError::io("syncing", &seg.path, e);
                 // Never retried as if durable: the WAL refuses all further work until reopened.
-                self.state.lock().failed = Some(err.to_string());
+                self.fail(&mut self.state.lock(), err.to_string());
                 return Err(err);
             }
             self.stat_syncs.fetch_add(1, Ordering::Relaxed);
         }
+        let mut st = self.state.lock();
+        // A concurrent sync of the same file (a roll, a batch rollback) may have consumed the
+        // writeback error of a page in this range: the kernel reports it once per file. Its
+        // caller recorded it here, so this sync is not reported as a success.
+        if let Some(cause) = &st.failed {
+            return Err(WalError::Failed {
+                cause: cause.clone(),
+            });
+        }
+        let active = st.segments.last().expect("an active segment");
+        if Arc::ptr_eq(active, &seg) {
+            st.durable_offset = st.durable_offset.max(to);
+        }
+        drop(st);
         Ok(end_lsn)
     }
 }
@@ -1063,8 +1289,95 @@ struct BatchMark {
     segments: usize,
     write_offset: usize,
     sync_from: usize,
+    durable_offset: usize,
     prefaulted_to: usize,
     next_lsn: Lsn,
+}
+
+/// What cutting a torn tail at open did.
+struct Cut {
+    /// Where the next record goes.
+    write_offset: usize,
+    /// Bytes zeroed (the LSN-jump record, if any, was written over the first of them).
+    zeroed_bytes: usize,
+    /// Valid records removed with the cut.
+    records_cut: u64,
+    /// LSNs of the cut records that an LSN-jump record retired.
+    skipped_lsns: Option<(Lsn, Lsn)>,
+}
+
+/// Cuts the torn tail (or the hole of never-acknowledged data) that the scan of the newest
+/// segment `seg` found: when valid records were cut with LSNs at or above the next expected
+/// one, an LSN-jump record (a checkpoint restating the watermark, flagged
+/// [`format::RECORD_FLAG_LSN_JUMP`], with the LSN after the highest one cut) is written at the
+/// cut and synced first, then the rest is zeroed and synced. In that order a power cut during
+/// the repair leaves either the old hole (cut the same way again) or the jump record with
+/// stale bytes after it (cut again, no new jump needed): no LSN seen is ever reused.
+fn cut_torn_tail(
+    fs: &dyn WalFs,
+    seg: &Segment,
+    result: &scan::SegmentScan,
+    tracker: &Tracker,
+    first_retained_lsn: Lsn,
+) -> Result<Cut> {
+    let from = result.end_offset;
+    let expected = result.next_lsn;
+    assert!(result.dirty_end >= from, "a torn tail ends after it starts");
+    let zeroed_bytes = result.dirty_end - from;
+    let mut write_offset = from;
+    let mut skipped_lsns = None;
+    if let Some(c) = result.cut_records.filter(|c| c.max_lsn >= expected) {
+        assert!(
+            seg.header.version >= 2,
+            "only version 2 segments cut holes with valid records after them"
+        );
+        assert!(c.max_lsn - expected < format::MAX_LSN_JUMP);
+        let jump_lsn = c.max_lsn + 1;
+        let payload = encode_payload(&CheckpointPayload {
+            committed_watermark: tracker.watermark(expected),
+            first_retained_lsn,
+        })
+        .expect("a checkpoint payload always encodes");
+        let meta = format::RecordMeta {
+            durable_bound: Some(expected - 1),
+            lsn_jump: true,
+        };
+        let header = format::encode_record_header_with(
+            &seg.hasher,
+            RecordType::Checkpoint,
+            jump_lsn,
+            meta,
+            &payload,
+        );
+        let size = record_size(payload.len());
+        // The first cut record starts at least 8 bytes after `from` and is at least
+        // MIN_RECORD_SIZE_BYTES long: the 40-byte jump record ends before it does.
+        assert!(from + size <= c.first.0 + format::MIN_RECORD_SIZE_BYTES);
+        assert!(from + size <= seg.len_bytes);
+        // SAFETY: we hold the writer lock and no reader exists yet.
+        unsafe {
+            seg.zero(from, size);
+            seg.write(from + RECORD_HEADER_SIZE_BYTES, &payload);
+            seg.write(from, &header);
+        }
+        fs.sync_range(seg.map(), &seg.path, from, size)
+            .map_err(|e| WalError::io("syncing the LSN-jump record of", &seg.path, e))?;
+        write_offset = from + size;
+        skipped_lsns = Some((expected, c.max_lsn));
+    }
+    if result.dirty_end > write_offset {
+        let len = result.dirty_end - write_offset;
+        // SAFETY: we hold the writer lock and no reader exists yet.
+        unsafe { seg.zero(write_offset, len) };
+        fs.sync_range(seg.map(), &seg.path, write_offset, len)
+            .map_err(|e| WalError::io("syncing the cut torn tail of", &seg.path, e))?;
+    }
+    Ok(Cut {
+        write_offset,
+        zeroed_bytes,
+        records_cut: result.cut_records.map_or(0, |c| c.count),
+        skipped_lsns,
+    })
 }
 
 /// The identity of a directory's segments (oldest first): every segment with an identity

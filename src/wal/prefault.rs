@@ -99,14 +99,40 @@ fn run(shared: &Shared) {
                 shared.wake.wait(&mut q);
             }
         };
-        populate(&job.segment, job.from, job.to);
+        // An error is found again by the writer, which populates (checked) what it needs.
+        let _ = populate(&job.segment, job.from, job.to);
     }
 }
 
-/// Makes `[from, to)` of `segment`'s mapping present and writable; failures are ignored (an
-/// optimization only: the append takes the fault instead).
-pub(crate) fn populate(segment: &Segment, from: usize, to: usize) {
-    let _ = segment
+/// Makes `[from, to)` of `segment`'s mapping present and writable (`MADV_POPULATE_WRITE`) and,
+/// when `from` is at or below [`Segment::populated_to`], moves that mark to `to`. An error says
+/// a write there would raise SIGBUS (EIO paging the page in, a range beyond a truncated end):
+/// the writer must not write there. On a kernel without `MADV_POPULATE_WRITE` (before 5.14,
+/// `EINVAL`) nothing can be checked and the mark moves anyway, as writes did before.
+pub(crate) fn populate(segment: &Segment, from: usize, to: usize) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering;
+    assert!(
+        from <= to && to <= segment.len_bytes,
+        "populate {from}..{to}"
+    );
+    if from == to {
+        return Ok(());
+    }
+    let result = segment
         .map()
         .advise_range(memmap2::Advice::PopulateWrite, from, to - from);
+    match result {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        Err(e) => return Err(e),
+    }
+    let mark = &segment.populated_to;
+    let mut at = mark.load(Ordering::Acquire);
+    while from <= at && at < to {
+        match mark.compare_exchange_weak(at, to, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => break,
+            Err(now) => at = now,
+        }
+    }
+    Ok(())
 }

@@ -5,21 +5,32 @@
 //! - In the newest segment, the first invalid record (or non-zero bytes after the end-of-log mark)
 //!   with **no** valid record anywhere after it is a *torn tail*: the remains of a write that was
 //!   never acknowledged as durable. It is cut off.
-//! - Everything else is *corruption*: a bad record followed by a valid one, a bad record in an
-//!   older segment, an LSN gap, a bad header.
+//! - In the newest segment of format version 2, the same with valid records after it, each of
+//!   which was written while every acknowledged LSN was below the bad spot's (their durable
+//!   bounds say so), is a *hole in never-acknowledged data*: pages of an unsynced region that
+//!   reached the disk out of order before a power cut. It is cut like a torn tail, with every
+//!   record after it, and the next LSN stays above every LSN seen.
+//! - Everything else is *corruption*: a bad record followed by a valid one whose durable bound
+//!   covers the bad spot's LSN (acknowledged data was lost) or that has no bound (version 1), a
+//!   bad record in an older segment, an LSN gap, a bad header.
 
 use std::path::{Path, PathBuf};
 
 use super::error::{Result, WalError};
 use super::format::{
-    decode_record, parse_segment_file_name, Decoded, Lsn, RecordView, MAX_RECORD_SIZE_BYTES,
-    RECORD_ALIGNMENT_BYTES, SEGMENT_HEADER_SIZE_BYTES,
+    decode_record_in, parse_segment_file_name, Decoded, Lsn, RecordView, MAX_LSN_JUMP,
+    MAX_PAYLOAD_SIZE_BYTES, MAX_RECORD_SIZE_BYTES, RECORD_ALIGNMENT_BYTES,
+    RECORD_HEADER_SIZE_BYTES, SEGMENT_HEADER_SIZE_BYTES,
 };
 use super::fs::WalFs;
 use super::segment::Segment;
 
 /// Name of the writer lock file inside a WAL directory.
 pub const LOCK_FILE_NAME: &str = "LOCK";
+/// Name of the marker a WAL leaves in its directory when it enters the failed state (a sync
+/// failed): the next open syncs every segment, drops its cached pages and scans what the
+/// medium holds, then removes the marker.
+pub const SYNC_FAILED_FILE_NAME: &str = "SYNC_FAILED";
 /// Name of the directory segments are moved to under [`super::Retention::Archive`] when it is
 /// given as a relative path.
 pub const ARCHIVE_DIR_NAME: &str = "archive";
@@ -58,6 +69,24 @@ pub(crate) struct SegmentScan {
     pub(crate) tail: TailState,
     /// For a torn tail: offset just past the last non-zero byte (what must be zeroed).
     pub(crate) dirty_end: usize,
+    /// For a torn tail that is a hole in never-acknowledged data: the valid records after the
+    /// hole, which the cut removes too.
+    pub(crate) cut_records: Option<ValidAfter>,
+}
+
+/// The valid records found after a bad spot of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ValidAfter {
+    /// How many.
+    pub(crate) count: u64,
+    /// Offset and LSN of the first one.
+    pub(crate) first: (usize, Lsn),
+    /// The highest LSN among them.
+    pub(crate) max_lsn: Lsn,
+    /// The highest durable bound among them, with the offset and LSN of the record carrying it;
+    /// `None` when some record has no bound (version 1, or a distance that did not fit), which
+    /// counts as "may cover everything before it".
+    pub(crate) max_bound: Option<(Lsn, usize, Lsn)>,
 }
 
 /// Bytes the recovery scan reads per `pread` (its window onto a segment, one reused buffer).
@@ -161,22 +190,41 @@ pub(crate) fn scan_segment(
     visit: &mut dyn FnMut(&RecordView<'_>) -> std::result::Result<(), String>,
 ) -> Result<SegmentScan> {
     let reader = &mut SegmentReader::new(fs, segment);
+    let version = segment.header.version;
     let mut offset = SEGMENT_HEADER_SIZE_BYTES;
     let mut expected = segment.header.first_lsn;
     let mut records = 0u64;
     loop {
         let (window, at) = reader.window(offset, MAX_RECORD_SIZE_BYTES)?;
-        match decode_record(window, at, &segment.hasher) {
+        match decode_record_in(window, at, &segment.hasher, version) {
             Decoded::Record(r) => {
-                if r.lsn != expected {
+                // A record flagged as an LSN jump (written by a recovery that cut a hole of
+                // never-acknowledged records) may skip up to MAX_LSN_JUMP LSNs; any other
+                // record has exactly the next LSN.
+                let lsn_ok = if r.meta.lsn_jump {
+                    r.lsn > expected && r.lsn - expected <= MAX_LSN_JUMP
+                } else {
+                    r.lsn == expected
+                };
+                if !lsn_ok {
+                    let reason = if r.meta.lsn_jump {
+                        format!(
+                            "LSN gap: an LSN-jump record says LSN {} where at least {} and at most {} were possible",
+                            r.lsn,
+                            expected + 1,
+                            expected.saturating_add(MAX_LSN_JUMP)
+                        )
+                    } else {
+                        format!(
+                            "LSN gap: found LSN {} where {} was expected",
+                            r.lsn, expected
+                        )
+                    };
                     return Ok(SegmentScan {
                         tail: TailState::Corrupt {
                             offset: offset as u64,
                             expected_lsn: expected,
-                            reason: format!(
-                                "LSN gap: found LSN {} where {} was expected",
-                                r.lsn, expected
-                            ),
+                            reason,
                         },
                         ..scan_result(offset, expected, records)
                     });
@@ -199,7 +247,7 @@ pub(crate) fn scan_segment(
                     });
                 }
                 records += 1;
-                expected += 1;
+                expected = r.lsn + 1;
                 offset += size;
             }
             Decoded::End => {
@@ -233,6 +281,7 @@ fn scan_result(offset: usize, expected: Lsn, records: u64) -> SegmentScan {
         next_lsn: expected,
         tail: TailState::Clean,
         dirty_end: offset,
+        cut_records: None,
     }
 }
 
@@ -257,29 +306,105 @@ fn classify_bad(
             "{reason} (in a sealed segment: a newer segment exists)"
         )));
     }
-    if let Some((at, lsn)) = find_valid_record_after(reader, offset)? {
+    let after = valid_records_after(reader, offset)?;
+    let dirty_end = |reader: &mut SegmentReader<'_>| -> Result<usize> {
+        Ok(last_non_zero(reader, offset)?.map_or(offset, |i| i + 1))
+    };
+    let Some(after) = after else {
+        return Ok(SegmentScan {
+            tail: TailState::Torn {
+                offset: offset as u64,
+                reason,
+            },
+            dirty_end: dirty_end(reader)?,
+            ..scan_result(offset, expected, records)
+        });
+    };
+    let (first_at, first_lsn) = after.first;
+    let follows =
+        format!("{reason}, but a valid record (LSN {first_lsn}) follows at offset {first_at}");
+    if after.max_lsn.saturating_sub(expected) >= MAX_LSN_JUMP {
         return Ok(corrupt(format!(
-            "{reason}, but a valid record (LSN {lsn}) follows at offset {at}"
+            "{follows}, and a record after it has LSN {}, more than {MAX_LSN_JUMP} above the expected one",
+            after.max_lsn
         )));
     }
-    let dirty_end = last_non_zero(reader, offset)?.map_or(offset, |i| i + 1);
-    Ok(SegmentScan {
-        tail: TailState::Torn {
-            offset: offset as u64,
-            reason,
-        },
-        dirty_end,
-        ..scan_result(offset, expected, records)
-    })
+    match after.max_bound {
+        None if reader.segment.header.version < 2 => Ok(corrupt(follows)),
+        None => Ok(corrupt(format!(
+            "{follows}, and a record after it has no durable bound, so the LSNs from {expected} on may have been acknowledged"
+        ))),
+        Some((bound, at, lsn)) if bound >= expected => Ok(corrupt(format!(
+            "{follows}; the record at offset {at} (LSN {lsn}) was written when every LSN up to {bound} was acknowledged durable, so acknowledged data was lost here"
+        ))),
+        Some(_) if !zero_shaped(reader, offset)? => Ok(corrupt(format!(
+            "{follows}; the bad record is not what a power cut leaves (its header, or one {SECTOR_BYTES}-byte sector of it, reading as zeros): this is damage, not an unsynced write"
+        ))),
+        Some((bound, ..)) => Ok(SegmentScan {
+            tail: TailState::Torn {
+                offset: offset as u64,
+                reason: format!(
+                    "{reason}; the {} valid record(s) after it (from offset {first_at}, LSNs up to {}) were all written while at most LSN {bound} (below {expected}) was acknowledged durable: a hole in never-acknowledged data, as a power cut leaves it; cut with everything after it",
+                    after.count, after.max_lsn
+                ),
+            },
+            dirty_end: dirty_end(reader)?,
+            cut_records: Some(after),
+            ..scan_result(offset, expected, records)
+        }),
+    }
 }
 
-/// Looks for any record that validates with this segment's salt at an aligned offset after
-/// `offset`.
-fn find_valid_record_after(
+/// The unit a disk writes atomically at best: after a power cut, each sector of a segment holds
+/// its bytes as of one moment (the last sync that covered it, or later).
+pub(crate) const SECTOR_BYTES: usize = 512;
+
+/// Whether the bad record at `offset` has the shape a power cut leaves in a file that is never
+/// rewritten (preallocated zeros, appended once): each 512-byte sector holds its bytes of one
+/// moment, so an unsynced record is missing by whole zero sectors. True when the record's first
+/// 8 bytes (length, type, flags: always in its first sector, as records are 8-aligned) read as
+/// zeros, which no written record has; or when they give a length and at least one sector's part
+/// of the record (header and payload) is all zeros. A bit flip or foreign bytes in an otherwise
+/// complete record are not (unless a sector's part of it is zeros by nature).
+fn zero_shaped(reader: &mut SegmentReader<'_>, offset: usize) -> Result<bool> {
+    let (window, i) = reader.window(offset, MAX_RECORD_SIZE_BYTES)?;
+    let rec = &window[i..];
+    let head = RECORD_ALIGNMENT_BYTES.min(rec.len());
+    assert!(offset % SECTOR_BYTES + head <= SECTOR_BYTES);
+    if rec[..head] == ZEROS[..head] {
+        return Ok(true);
+    }
+    if rec.len() < 4 {
+        return Ok(false);
+    }
+    let len = u32::from_le_bytes(rec[..4].try_into().expect("4 bytes")) as usize;
+    if len == 0 || len > MAX_PAYLOAD_SIZE_BYTES {
+        // The first sector holds the length: a power cut leaves it whole or zero.
+        return Ok(false);
+    }
+    let end = (RECORD_HEADER_SIZE_BYTES + len).min(rec.len());
+    let mut start = 0;
+    while start < end {
+        let part = (SECTOR_BYTES - (offset + start) % SECTOR_BYTES).min(end - start);
+        if rec[start..start + part] == ZEROS[..part] {
+            return Ok(true);
+        }
+        start += part;
+    }
+    Ok(false)
+}
+
+/// Every record that validates with this segment's salt at an aligned offset after `offset`:
+/// how many, the first, the highest LSN and the highest durable bound. After a valid record the
+/// search goes on at its end, so a run of intact records costs one decode each.
+fn valid_records_after(
     reader: &mut SegmentReader<'_>,
     offset: usize,
-) -> Result<Option<(usize, Lsn)>> {
+) -> Result<Option<ValidAfter>> {
     let hasher = &reader.segment.hasher;
+    let version = reader.segment.header.version;
+    let mut found: Option<ValidAfter> = None;
+    let mut unknown_bound = false;
     let mut at = offset + RECORD_ALIGNMENT_BYTES;
     while at < reader.len {
         let (window, i) = reader.window(at, MAX_RECORD_SIZE_BYTES)?;
@@ -291,19 +416,41 @@ fn find_valid_record_after(
             .all(|&b| b == 0)
         {
             let Some(non_zero) = first_non_zero(reader, at)? else {
-                return Ok(None);
+                break;
             };
             let next = non_zero - non_zero % RECORD_ALIGNMENT_BYTES;
             assert!(next > at, "a zero stretch moves the search forward");
             at = next;
             continue;
         }
-        if let Decoded::Record(r) = decode_record(window, i, hasher) {
-            return Ok(Some((at, r.lsn)));
+        let Decoded::Record(r) = decode_record_in(window, i, hasher, version) else {
+            at += RECORD_ALIGNMENT_BYTES;
+            continue;
+        };
+        let f = found.get_or_insert(ValidAfter {
+            count: 0,
+            first: (at, r.lsn),
+            max_lsn: r.lsn,
+            max_bound: None,
+        });
+        f.count += 1;
+        f.max_lsn = f.max_lsn.max(r.lsn);
+        match r.meta.durable_bound {
+            None => unknown_bound = true,
+            Some(bound) if f.max_bound.is_none_or(|(b, ..)| bound > b) => {
+                f.max_bound = Some((bound, at, r.lsn));
+            }
+            Some(_) => {}
         }
-        at += RECORD_ALIGNMENT_BYTES;
+        assert!(r.size_bytes >= RECORD_ALIGNMENT_BYTES);
+        at += r.size_bytes;
     }
-    Ok(None)
+    if unknown_bound {
+        if let Some(f) = found.as_mut() {
+            f.max_bound = None;
+        }
+    }
+    Ok(found)
 }
 
 /// Offset of the first non-zero byte at or after `from`.
@@ -329,7 +476,7 @@ fn last_non_zero(reader: &mut SegmentReader<'_>, from: usize) -> Result<Option<u
         // Whatever the window holds from `at` on; the next call continues where it ends.
         let (window, i) = reader.window(at, 1)?;
         let chunk = &window[i..];
-        if let Some(j) = chunk.iter().rposition(|&b| b != 0) {
+        if let Some(j) = last_non_zero_in(chunk) {
             last = Some(at + j);
         }
         at += chunk.len();
@@ -337,17 +484,35 @@ fn last_non_zero(reader: &mut SegmentReader<'_>, from: usize) -> Result<Option<u
     Ok(last)
 }
 
-/// Position of the first non-zero byte of `bytes`, checking 64 KiB at a time with a loop the
-/// compiler vectorizes (an early-exit search byte by byte does not).
+/// Zeros to compare against: `==` on byte slices is one `memcmp`, fast in every build profile
+/// (an iterator fold vectorizes only when optimized, and tests run unoptimized).
+static ZEROS: [u8; 4096] = [0; 4096];
+
+/// Position of the first non-zero byte of `bytes`, comparing 4 KiB at a time against zeros.
 fn first_non_zero_in(bytes: &[u8]) -> Option<usize> {
-    const STEP: usize = 64 * 1024;
     let mut at = 0;
     while at < bytes.len() {
-        let end = (at + STEP).min(bytes.len());
-        if bytes[at..end].iter().fold(0u8, |acc, &b| acc | b) != 0 {
+        let end = (at + ZEROS.len()).min(bytes.len());
+        if bytes[at..end] != ZEROS[..end - at] {
             return bytes[at..end].iter().position(|&b| b != 0).map(|i| at + i);
         }
         at = end;
+    }
+    None
+}
+
+/// Position of the last non-zero byte of `bytes`, comparing 4 KiB at a time from the end.
+fn last_non_zero_in(bytes: &[u8]) -> Option<usize> {
+    let mut end = bytes.len();
+    while end > 0 {
+        let start = end.saturating_sub(ZEROS.len());
+        if bytes[start..end] != ZEROS[..end - start] {
+            return bytes[start..end]
+                .iter()
+                .rposition(|&b| b != 0)
+                .map(|i| start + i);
+        }
+        end = start;
     }
     None
 }
@@ -388,7 +553,10 @@ pub(crate) fn list_dir(dir: &Path) -> Result<DirListing> {
             .is_some()
         {
             listing.temp_files.push(path);
-        } else if name != LOCK_FILE_NAME && name != ARCHIVE_DIR_NAME {
+        } else if name != LOCK_FILE_NAME
+            && name != ARCHIVE_DIR_NAME
+            && name != SYNC_FAILED_FILE_NAME
+        {
             listing.foreign.push(path);
         }
     }

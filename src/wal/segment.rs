@@ -30,6 +30,11 @@ pub(crate) struct Segment {
     map: Option<MmapRaw>,
     /// The open file: reads go through it, and it outlives the mapping.
     file: File,
+    /// Offset up to which the mapping's pages (from where the writer starts) were made present
+    /// and writable with a checked `MADV_POPULATE_WRITE`: the writer writes only below it, so a
+    /// page that cannot be paged in (EIO reading it, beyond a truncated end) is an error
+    /// instead of a SIGBUS. Only grows.
+    pub(crate) populated_to: std::sync::atomic::AtomicUsize,
 }
 
 /// A fresh random salt for a new segment (std's per-process random keys, mixed with time and pid).
@@ -61,25 +66,33 @@ impl Segment {
     /// Creates the segment that starts at `first_lsn` (format version 2, carrying `identity`): a
     /// temporary file is preallocated, its header written and synced, then it is renamed into
     /// place and the directory is synced, so a segment file under its final name always has a
-    /// durable header.
+    /// durable header. Without `replace`, an existing file of that name is an error (never
+    /// silently replaced); with it (an active segment without records being replaced by
+    /// [`super::Wal::rebind`]) it is replaced atomically.
+    ///
+    /// A failure after the rename (the directory sync) removes the final-named file again when
+    /// it can; [`CreateError::name_taken`] says whether a file of the new segment's name may
+    /// still be in the directory, in which case the caller must stop writing (the next open
+    /// sees that file).
     pub(crate) fn create(
         fs: &dyn WalFs,
         dir: &Path,
         first_lsn: Lsn,
         segment_size_bytes: u64,
         identity: WalIdentity,
-    ) -> Result<Segment> {
+        replace: bool,
+    ) -> std::result::Result<Segment, CreateError> {
         let path = dir.join(segment_file_name(first_lsn));
         let tmp = dir.join(format!("{}.tmp", segment_file_name(first_lsn)));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| WalError::io("creating segment", &tmp, e))?;
+        let before_rename = |error| CreateError {
+            error,
+            name_taken: false,
+        };
+        let file = fs
+            .create_file(&tmp)
+            .map_err(|e| before_rename(WalError::io("creating segment", &tmp, e)))?;
         let header = SegmentHeader::new(first_lsn, random_salt(), segment_size_bytes, identity);
-        let result = (|| {
+        let prepared = (|| {
             fs.allocate(&file, &tmp, segment_size_bytes)
                 .map_err(|e| WalError::io("preallocating segment", &tmp, e))?;
             // A short write continues where it stopped; a write that makes no progress is an
@@ -88,16 +101,37 @@ impl Segment {
                 .map_err(|e| WalError::io("writing segment header", &tmp, e))?;
             fs.sync_file(&file, &tmp)
                 .map_err(|e| WalError::io("syncing new segment", &tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| WalError::io("renaming segment", &path, e))?;
-            fs.sync_dir(dir)
-                .map_err(|e| WalError::io("syncing WAL directory", dir, e))
+            fs.rename(&tmp, &path, replace).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    WalError::Io {
+                        op: "renaming a new segment into place: a segment file of that name already exists (it was not made by this writer: move it out of the WAL directory, then reopen)",
+                        path: path.clone(),
+                        source: e,
+                    }
+                } else {
+                    WalError::io("renaming segment", &path, e)
+                }
+            })
         })();
-        if let Err(e) = result {
+        if let Err(error) = prepared {
             // Best effort: a half-made temporary file is removed again at the next open anyway.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+            let _ = fs.remove_file(&tmp);
+            return Err(before_rename(error));
         }
-        let map = map_writable(&file, &path)?;
+        if let Err(e) = fs.sync_dir(dir) {
+            let error = WalError::io("syncing WAL directory", dir, e);
+            // The new name may or may not be durable: take it back, so that the writer can go
+            // on in the old segment. If that fails too, the name stays taken.
+            let undone = !replace && fs.remove_file(&path).is_ok() && fs.sync_dir(dir).is_ok();
+            return Err(CreateError {
+                error,
+                name_taken: !undone,
+            });
+        }
+        let map = map_writable(&file, &path).map_err(|error| CreateError {
+            error,
+            name_taken: true,
+        })?;
         tracing::debug!(path = %path.display(), first_lsn, segment_size_bytes, "created segment");
         Ok(Segment {
             path,
@@ -106,7 +140,23 @@ impl Segment {
             len_bytes: map.len(),
             map: Some(map),
             file,
+            populated_to: std::sync::atomic::AtomicUsize::new(SEGMENT_HEADER_SIZE_BYTES),
         })
+    }
+
+    /// Drops the file's clean cached pages (`POSIX_FADV_DONTNEED`), so the next reads come from
+    /// the medium. A hint: failure only means the cache is used.
+    pub(crate) fn drop_cached_pages(&self) {
+        // SAFETY: plain syscall on a valid open descriptor.
+        let _ =
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+
+    /// Makes the file's data durable (`fsync` through `fs`): at open, every segment may hold
+    /// bytes a killed predecessor appended and never synced, which the page cache still has.
+    pub(crate) fn sync_data(&self, fs: &dyn WalFs) -> Result<()> {
+        fs.sync_file(&self.file, &self.path)
+            .map_err(|e| WalError::io("syncing inherited data of", &self.path, e))
     }
 
     /// Opens an existing segment and verifies its header (read through `fs`). With `writable`, a
@@ -179,6 +229,8 @@ impl Segment {
             len_bytes,
             map,
             file,
+            // Set to the write offset by the writer that maps it.
+            populated_to: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -279,6 +331,16 @@ impl Segment {
     }
 }
 
+/// Why [`Segment::create`] failed, and whether the new segment's file name may be taken.
+#[derive(Debug)]
+pub(crate) struct CreateError {
+    pub(crate) error: WalError,
+    /// A file under the new segment's final name may be in the directory (the rename happened
+    /// and could not be undone): the writer must not append any record with that LSN to the
+    /// old segment.
+    pub(crate) name_taken: bool,
+}
+
 /// [`Segment::release_synced_pages`] leaves ranges of fewer whole pages mapped.
 const RELEASE_MIN_PAGES: usize = 4;
 
@@ -337,7 +399,7 @@ mod tests {
             wal_id: 7,
             owner_id: 0,
         };
-        let seg = Segment::create(&OsFs, dir.path(), 1, size_bytes, identity).unwrap();
+        let seg = Segment::create(&OsFs, dir.path(), 1, size_bytes, identity, false).unwrap();
         let from = SEGMENT_HEADER_SIZE_BYTES;
         let to = from + 5 * 4096 + 1000; // five whole pages and a partial one
         let pattern: Vec<u8> = (0..to - from).map(|i| (i % 251) as u8 + 1).collect();

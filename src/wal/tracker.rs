@@ -24,6 +24,8 @@ pub(crate) struct Tracker {
     last_entry: Option<(Lsn, Lsn, u32)>,
     /// The highest `last_lsn` of any commit marker seen or written (0: none).
     max_commit_last: Lsn,
+    /// The first retained LSN of the newest checkpoint record scanned.
+    first_retained: Option<Lsn>,
 }
 
 impl Tracker {
@@ -52,6 +54,12 @@ impl Tracker {
     /// covers: an entry LSN, unlike [`Tracker::watermark`], which may be a marker's.
     pub(crate) fn max_commit_last(&self) -> Lsn {
         self.max_commit_last
+    }
+
+    /// The first retained LSN of the newest checkpoint record fed to [`Tracker::apply`]: every
+    /// segment from it on must still be in the directory.
+    pub(crate) fn first_retained(&self) -> Option<Lsn> {
+        self.first_retained
     }
 
     /// `(lsn, segment first LSN, offset)` of the newest entry.
@@ -137,6 +145,7 @@ impl Tracker {
                 if c.committed_watermark > 0 {
                     self.mark_committed(1, c.committed_watermark);
                 }
+                self.first_retained = Some(c.first_retained_lsn);
             }
         }
         Ok(())
