@@ -17,19 +17,24 @@ The model (contract, independently written):
   * a line longer than 4096 bytes, not JSON, not an object, or without an output_sequence in
     0..=i64::MAX is rejected and does not move the sequence (ids and sequences must fit
     Cassandra's bigint);
-  * an output_sequence at or below the highest one seen so far is a duplicate: skipped;
-  * otherwise the sequence advances, and the message is validated: a trade needs trade_id,
+  * dedup by what was seen (P9 in docs/architecture.md): an output_sequence seen before (settled
+    or rejected) is a duplicate: skipped; any other one is handled, also one below the highest
+    (it fills an open hole) or below the first; one more than 1,000,000 (settlement's default
+    --max-seq-jump) away from the range seen so far is rejected and counts as not seen;
+  * the message is validated: a trade needs trade_id,
     symbol BASE-QUOTE (1-16 of A-Z0-9 each, BASE != QUOTE), buyer/seller ids, price and
     quantity > 0 with price*quantity in i64, timestamp_ns >= 0; a movement (type deposit or
     withdraw) needs user_id, asset, amount > 0. Invalid messages are rejected;
   * deposit: balance += amount; withdraw: applied only when balance >= amount, else refused;
     trade: buyer base += q, buyer quote -= p*q, seller base -= q, seller quote += p*q
-    (never refused for funds); any balance leaving i64 refuses the event.
+    (never refused for funds); any balance leaving i64 refuses the event; a trade whose trade_id
+    was settled before (under another sequence) is refused.
 
 Checks (each counts as one invariant check, with how many items it covered):
   trades_present, trades_fields, trades_unexpected, movements_present, movements_fields,
   movements_unexpected, sequence_once (no output_sequence stored twice), lsn_order (LSNs distinct
-  and increasing with output_sequence), balances_equal (every row equals the recomputation;
+  and increasing in the order the events were first accepted, which is output_sequence order
+  except for hole fills), balances_equal (every row equals the recomputation;
   absent rows are 0), balances_unexpected (no row the model never touched),
   balance_last_lsn (each row's last_lsn is the LSN of the last stored event touching it),
   conservation (per asset: sum of stored balances = stored deposits - stored withdrawals =
@@ -84,6 +89,7 @@ class Model:
         self.accepted_seqs = []   # settled output sequences, in input order
         self.rejected_with_seq = set()
         self.rejected_without_seq = 0
+        self.rejected_wild = 0    # wild sequences: refused, written to the rejects file
         self.duplicates = 0
         self.deposits = {}        # asset -> sum
         self.withdrawals = {}     # asset -> sum
@@ -120,9 +126,13 @@ def _validate(obj, seq):
     return {"kind": kind, "output_sequence": seq, "user_id": u, "asset": a, "amount": amt}
 
 
+MAX_SEQ_JUMP = 1_000_000
+
+
 def build_model(path):
     m = Model()
-    last_seq = None
+    seen = set()
+    first_seq = high_seq = None
     with open(path, "rb") as f:
         for raw in f:
             line = raw.strip()
@@ -141,10 +151,15 @@ def build_model(path):
                 m.rejected_without_seq += 1
                 continue
             seq = obj["output_sequence"]
-            if last_seq is not None and seq <= last_seq:
+            if seq in seen:
                 m.duplicates += 1
                 continue
-            last_seq = seq
+            if high_seq is not None and (seq > high_seq + MAX_SEQ_JUMP or seq + MAX_SEQ_JUMP < first_seq):
+                m.rejected_wild += 1  # a wild sequence: refused, not taken as seen
+                continue
+            seen.add(seq)
+            first_seq = seq if first_seq is None else min(first_seq, seq)
+            high_seq = seq if high_seq is None else max(high_seq, seq)
             ev = _validate(obj, seq)
             if ev is None:
                 m.rejected_with_seq.add(seq)
@@ -163,6 +178,9 @@ def build_model(path):
             after = {k: m.balances.get(k, 0) + d for k, d in deltas.items()}
             if any(not (I64_MIN <= v <= I64_MAX) for v in after.values()):
                 m.rejected_with_seq.add(seq)
+                continue
+            if ev["kind"] == "trade" and ev["trade_id"] in m.trades:
+                m.rejected_with_seq.add(seq)  # a reused trade id
                 continue
             if ev["kind"] == "withdraw" and m.balances.get((ev["user_id"], ev["asset"]), 0) < ev["amount"]:
                 m.rejected_with_seq.add(seq)  # refused: above the balance
@@ -370,9 +388,11 @@ def run_checks(model, trades, movements, balances, rejects_path=None):
         seen.setdefault(mv["output_sequence"], []).append("movement")
     for seq, who in seen.items():
         c.item(len(who) == 1, "output_sequence %d stored %d times: %s" % (seq, len(who), ", ".join(who)))
-    c = new("lsn_order", "event LSNs are distinct and increase with output_sequence")
+    c = new("lsn_order", "event LSNs are distinct and increase in the order events were accepted")
+    order = {s: i for i, s in enumerate(model.accepted_seqs)}
     events = sorted([(t["output_sequence"], t["lsn"]) for t in trades]
-                    + [(mv["output_sequence"], mv["lsn"]) for mv in movements])
+                    + [(mv["output_sequence"], mv["lsn"]) for mv in movements],
+                    key=lambda e: (order.get(e[0], len(order)), e[0]))
     lsns = [l for _, l in events]
     if len(set(lsns)) != len(lsns):
         c.fail("%d LSNs are shared by more than one event row" % (len(lsns) - len(set(lsns))))

@@ -1190,15 +1190,24 @@ impl Inner {
         }
     }
 
-    async fn high_water(&self) -> Result<Option<HighWaterRow>> {
-        let result = self
-            .read("read high-water", &self.select_high_water, ())
-            .await?;
-        let row = result
+    /// The single row of a one-row table (`high_water`, `identity`): four bigints.
+    async fn read_four(
+        &self,
+        what: &str,
+        statement: &PreparedStatement,
+    ) -> Result<Option<(i64, i64, i64, i64)>> {
+        self.read(what, statement, ())
+            .await?
             .into_rows_result()
             .map_err(other)?
             .maybe_first_row::<(i64, i64, i64, i64)>()
-            .map_err(other)?;
+            .map_err(other)
+    }
+
+    async fn high_water(&self) -> Result<Option<HighWaterRow>> {
+        let row = self
+            .read_four("read high-water", &self.select_high_water)
+            .await?;
         row.map(|(lsn, first, high, max_trade_id)| {
             Ok(HighWaterRow {
                 lsn: to_u64("high-water lsn", lsn)?,
@@ -1211,14 +1220,9 @@ impl Inner {
     }
 
     async fn identity(&self) -> Result<Option<StoreIdentity>> {
-        let result = self
-            .read("read identity", &self.select_identity, ())
+        let row = self
+            .read_four("read identity", &self.select_identity)
             .await?;
-        let row = result
-            .into_rows_result()
-            .map_err(other)?
-            .maybe_first_row::<(i64, i64, i64, i64)>()
-            .map_err(other)?;
         row.map(|(store_id, wal_id, base, epoch)| {
             Ok(StoreIdentity {
                 store_id: store_id as u64,

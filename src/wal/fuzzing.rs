@@ -1319,8 +1319,10 @@ mod ops {
                     if let Some(jump_to) = jump_to {
                         let m = &mut self.model;
                         assert!(*jump_to > m.next_lsn, "{ctx}: a jump goes forward");
-                        m.next_lsn = *jump_to;
+                        // The jump record restates the watermark as it stood at the cut (the
+                        // WAL computes it before the jump), then takes the LSN after the jump.
                         let checkpoint = Rec::Checkpoint(m.watermark(), m.first_live_lsn);
+                        m.next_lsn = *jump_to;
                         m.push(checkpoint);
                     }
                     self.model.durable_lsn = self.model.next_lsn - 1;
