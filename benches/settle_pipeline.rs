@@ -886,7 +886,7 @@ async fn stage_profile(lines: &[String]) {
         let seq = e.output_sequence();
         match sequences.place(seq) {
             Placement::Duplicate | Placement::TooFar { .. } => continue,
-            _ => sequences.accept(seq, &mut changes),
+            placement => sequences.accept(seq, placement, &mut changes),
         }
         if let Event::Trade(t) = e {
             assert!(trade_ids.known(t.trade_id).is_ok_and(|k| k.is_none()));

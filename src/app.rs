@@ -104,7 +104,6 @@ pub async fn run(options: RunOptions, shutdown: watch::Receiver<bool>) -> anyhow
             accept_divergence: options.accept_divergence,
             new_wal: options.new_wal,
             adopt_store: options.adopt_store,
-            max_seq_jump: options.pipeline.max_seq_jump,
         },
     )
     .await

@@ -2,7 +2,7 @@
 """Independent checker for settlement's results in a Cassandra/Scylla keyspace.
 
 It shares no code with the Rust crate: it recomputes what settlement must have stored from the
-INPUT file alone (following the interface contract in ARCHITECTURE.md), reads the store through
+INPUT file alone (following the interface contract in docs/architecture.md), reads the store through
 the CQL native protocol itself (the standard-library client in tools/cassandra-node/cql_probe.py,
 plus paging, which the probe lacks), and compares.
 

@@ -1,6 +1,6 @@
 //! ScyllaDB/Cassandra ledger through the scylla driver (1.x).
 //!
-//! How it keeps the promises of `ARCHITECTURE.md`:
+//! How it keeps the promises of `docs/architecture.md`:
 //!
 //! - **P4 (monotonic state)**: every data statement is `INSERT ... USING TIMESTAMP ?` and binds
 //!   [`write_timestamp`]`(epoch, lsn)` (microseconds): the writer's epoch in the high bits, the
@@ -70,10 +70,10 @@ use scylla::value::{CqlValue, Row as UntypedRow};
 use tokio::task::JoinSet;
 
 use super::{
-    validate_entries, validate_lookup, write_timestamp, Asset, BalanceKey, BalanceRow,
-    BalanceWrite, Claim, Consistency, CqlConfig, EntryWrites, EventKey, EventRow, HighWaterRow,
-    HoleRow, Ledger, LedgerError, MovementKind, MovementRow, RejectionRow, Result, ShortStr,
-    StoreIdentity, Symbol, TradeRow, MAX_EPOCH, MAX_LOOKUP_KEYS, MAX_OPEN_HOLES,
+    validate_entries, validate_lookup, validate_lookup_count, write_timestamp, Asset, BalanceKey,
+    BalanceRow, BalanceWrite, Claim, Consistency, CqlConfig, EntryWrites, EventKey, EventRow,
+    HighWaterRow, HoleRow, Ledger, LedgerError, MovementKind, MovementRow, RejectionRow, Result,
+    ShortStr, StoreIdentity, Symbol, TradeRow, MAX_EPOCH, MAX_OPEN_HOLES,
 };
 use crate::wal::Lsn;
 
@@ -1624,12 +1624,7 @@ impl Ledger for CqlLedger {
     }
 
     async fn trade_sequences(&self, ids: &[u64]) -> Result<Vec<Option<u64>>> {
-        if ids.len() > MAX_LOOKUP_KEYS {
-            return Err(LedgerError::Invalid(format!(
-                "{} trade lookups in one call exceeds the limit of {MAX_LOOKUP_KEYS}",
-                ids.len()
-            )));
-        }
+        validate_lookup_count("trade", ids.len())?;
         let inner = &*self.inner;
         let mut keys: Vec<i64> = ids
             .iter()

@@ -13,9 +13,9 @@ use redb::{
 };
 
 use super::{
-    validate_entries, validate_lookup, BalanceKey, BalanceRow, Claim, EntryWrites, EventKey,
-    EventRow, HighWaterRow, HoleRow, Ledger, LedgerError, MovementRow, RejectionRow, Result,
-    StoreIdentity, TradeRow, MAX_OPEN_HOLES,
+    validate_entries, validate_lookup, validate_lookup_count, BalanceKey, BalanceRow, Claim,
+    EntryWrites, EventKey, EventRow, HighWaterRow, HoleRow, Ledger, LedgerError, MovementRow,
+    RejectionRow, Result, StoreIdentity, TradeRow, MAX_OPEN_HOLES,
 };
 use crate::wal::format::{decode_payload, encode_payload};
 use crate::wal::Lsn;
@@ -507,7 +507,7 @@ impl Ledger for EmbeddedLedger {
     }
 
     async fn trade_sequences(&self, ids: &[u64]) -> Result<Vec<Option<u64>>> {
-        validate_lookup_count(ids.len())?;
+        validate_lookup_count("trade", ids.len())?;
         let ids = ids.to_vec();
         self.blocking(move |db, path| {
             let txn = db.begin_read().map_err(|e| store_err(path, "begin", e))?;
@@ -577,17 +577,6 @@ impl Ledger for EmbeddedLedger {
     fn describe(&self) -> String {
         format!("embedded:{}", self.path.display())
     }
-}
-
-/// Checks the limit of one lookup call.
-fn validate_lookup_count(n: usize) -> Result<()> {
-    if n > super::MAX_LOOKUP_KEYS {
-        return Err(LedgerError::Invalid(format!(
-            "{n} lookups in one call exceeds the limit of {}",
-            super::MAX_LOOKUP_KEYS
-        )));
-    }
-    Ok(())
 }
 
 /// A table that a version 1 file does not have yet reads as `None` (empty).

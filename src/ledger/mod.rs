@@ -489,10 +489,14 @@ pub(crate) fn validate_entries(entries: &[EntryWrites]) -> Result<()> {
 
 /// Checks the limit of one [`Ledger::event_lsns`] call.
 pub(crate) fn validate_lookup(keys: &[EventKey]) -> Result<()> {
-    if keys.len() > MAX_LOOKUP_KEYS {
+    validate_lookup_count("event", keys.len())
+}
+
+/// Checks the limit of one lookup call of `n` keys ([`MAX_LOOKUP_KEYS`]); `what` names them.
+pub(crate) fn validate_lookup_count(what: &str, n: usize) -> Result<()> {
+    if n > MAX_LOOKUP_KEYS {
         return Err(LedgerError::Invalid(format!(
-            "{} event lookups in one call exceeds the limit of {MAX_LOOKUP_KEYS}",
-            keys.len()
+            "{n} {what} lookups in one call exceeds the limit of {MAX_LOOKUP_KEYS}"
         )));
     }
     Ok(())

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::{
-    validate_entries, validate_lookup, BalanceKey, BalanceRow, Claim, EntryWrites, EventKey,
-    EventRow, HighWaterRow, HoleRow, Ledger, LedgerError, MovementRow, RejectionRow, Result,
-    StoreIdentity, TradeRow,
+    validate_entries, validate_lookup, validate_lookup_count, BalanceKey, BalanceRow, Claim,
+    EntryWrites, EventKey, EventRow, HighWaterRow, HoleRow, Ledger, LedgerError, MovementRow,
+    RejectionRow, Result, StoreIdentity, TradeRow,
 };
 use crate::wal::Lsn;
 
@@ -43,13 +43,8 @@ pub struct SimSnapshot {
 
 #[derive(Default)]
 struct State {
-    balances: HashMap<BalanceKey, BalanceRow>,
-    trades: HashMap<u64, TradeRow>,
-    movements: HashMap<u64, MovementRow>,
-    rejections: HashMap<u64, RejectionRow>,
-    holes: HashMap<u64, HoleRow>,
-    high_water: Option<HighWaterRow>,
-    identity: Option<StoreIdentity>,
+    /// Every row and the identity.
+    rows: SimSnapshot,
     rng: u64,
     calls: u64,
     /// Fail every operation (the simulated process is dead) until restart.
@@ -110,29 +105,12 @@ impl SimLedger {
 
     /// Every row and the identity, as a backup would hold them.
     pub fn snapshot(&self) -> SimSnapshot {
-        let st = self.state.lock();
-        SimSnapshot {
-            balances: st.balances.clone(),
-            trades: st.trades.clone(),
-            movements: st.movements.clone(),
-            rejections: st.rejections.clone(),
-            holes: st.holes.clone(),
-            high_water: st.high_water,
-            identity: st.identity,
-        }
+        self.state.lock().rows.clone()
     }
 
     /// Puts a backup back: every row (and the identity) as it was at [`SimLedger::snapshot`].
     pub fn restore(&self, snapshot: &SimSnapshot) {
-        let mut st = self.state.lock();
-        let s = snapshot.clone();
-        st.balances = s.balances;
-        st.trades = s.trades;
-        st.movements = s.movements;
-        st.rejections = s.rejections;
-        st.holes = s.holes;
-        st.high_water = s.high_water;
-        st.identity = s.identity;
+        self.state.lock().rows = snapshot.clone();
     }
 
     /// Brings the store back after a simulated crash.
@@ -181,23 +159,23 @@ fn keep_newest<K: std::hash::Hash + Eq, R>(
 fn write_row(st: &mut State, w: RowWrite) {
     match w {
         RowWrite::Event(EventRow::Trade(t)) => {
-            keep_newest(&mut st.trades, t.trade_id, t, |r| r.lsn)
+            keep_newest(&mut st.rows.trades, t.trade_id, t, |r| r.lsn)
         }
         RowWrite::Event(EventRow::Movement(m)) => {
-            keep_newest(&mut st.movements, m.output_sequence, m, |r| r.lsn)
+            keep_newest(&mut st.rows.movements, m.output_sequence, m, |r| r.lsn)
         }
         RowWrite::Event(EventRow::Rejection(r)) => {
-            keep_newest(&mut st.rejections, r.output_sequence, r, |r| r.lsn)
+            keep_newest(&mut st.rows.rejections, r.output_sequence, r, |r| r.lsn)
         }
         RowWrite::Event(EventRow::Hole(h)) => {
-            keep_newest(&mut st.holes, h.first_sequence, h, |r| r.lsn)
+            keep_newest(&mut st.rows.holes, h.first_sequence, h, |r| r.lsn)
         }
         RowWrite::Event(EventRow::HighWater(hw)) => {
-            if st.high_water.is_none_or(|old| old.lsn <= hw.lsn) {
-                st.high_water = Some(hw);
+            if st.rows.high_water.is_none_or(|old| old.lsn <= hw.lsn) {
+                st.rows.high_water = Some(hw);
             }
         }
-        RowWrite::Balance(key, row) => keep_newest(&mut st.balances, key, row, |r| r.last_lsn),
+        RowWrite::Balance(key, row) => keep_newest(&mut st.rows.balances, key, row, |r| r.last_lsn),
     }
 }
 
@@ -299,11 +277,11 @@ impl Ledger for SimLedger {
         Ok(keys
             .iter()
             .map(|k| match *k {
-                EventKey::Trade(id) => st.trades.get(&id).map(|t| t.lsn),
-                EventKey::Movement(seq) => st.movements.get(&seq).map(|m| m.lsn),
-                EventKey::Rejection(seq) => st.rejections.get(&seq).map(|r| r.lsn),
-                EventKey::Hole(seq) => st.holes.get(&seq).map(|h| h.lsn),
-                EventKey::HighWater => st.high_water.map(|h| h.lsn),
+                EventKey::Trade(id) => st.rows.trades.get(&id).map(|t| t.lsn),
+                EventKey::Movement(seq) => st.rows.movements.get(&seq).map(|m| m.lsn),
+                EventKey::Rejection(seq) => st.rows.rejections.get(&seq).map(|r| r.lsn),
+                EventKey::Hole(seq) => st.rows.holes.get(&seq).map(|h| h.lsn),
+                EventKey::HighWater => st.rows.high_water.map(|h| h.lsn),
             })
             .collect())
     }
@@ -313,7 +291,7 @@ impl Ledger for SimLedger {
         if st.crashed {
             return Err(dead());
         }
-        Ok(st.trades.get(&trade_id).map(|t| t.lsn))
+        Ok(st.rows.trades.get(&trade_id).map(|t| t.lsn))
     }
 
     async fn movement_lsn(&self, output_sequence: u64) -> Result<Option<Lsn>> {
@@ -321,7 +299,7 @@ impl Ledger for SimLedger {
         if st.crashed {
             return Err(dead());
         }
-        Ok(st.movements.get(&output_sequence).map(|m| m.lsn))
+        Ok(st.rows.movements.get(&output_sequence).map(|m| m.lsn))
     }
 
     async fn read_balances(&self, keys: &[BalanceKey]) -> Result<Vec<Option<BalanceRow>>> {
@@ -329,29 +307,39 @@ impl Ledger for SimLedger {
         if st.crashed {
             return Err(dead());
         }
-        Ok(keys.iter().map(|k| st.balances.get(k).copied()).collect())
+        Ok(keys
+            .iter()
+            .map(|k| st.rows.balances.get(k).copied())
+            .collect())
     }
 
     async fn scan_balances(&self) -> Result<Vec<(BalanceKey, BalanceRow)>> {
         let mut st = self.state.lock();
         st.scans += 1;
-        Ok(st.balances.iter().map(|(k, r)| (*k, *r)).collect())
+        Ok(st.rows.balances.iter().map(|(k, r)| (*k, *r)).collect())
     }
 
     async fn scan_trades(&self) -> Result<Vec<TradeRow>> {
         let mut st = self.state.lock();
         st.scans += 1;
-        Ok(st.trades.values().cloned().collect())
+        Ok(st.rows.trades.values().cloned().collect())
     }
 
     async fn scan_movements(&self) -> Result<Vec<MovementRow>> {
         let mut st = self.state.lock();
         st.scans += 1;
-        Ok(st.movements.values().cloned().collect())
+        Ok(st.rows.movements.values().cloned().collect())
     }
 
     async fn scan_rejections(&self) -> Result<Vec<RejectionRow>> {
-        Ok(self.state.lock().rejections.values().cloned().collect())
+        Ok(self
+            .state
+            .lock()
+            .rows
+            .rejections
+            .values()
+            .cloned()
+            .collect())
     }
 
     async fn open_holes(&self) -> Result<Vec<HoleRow>> {
@@ -359,7 +347,7 @@ impl Ledger for SimLedger {
         if st.crashed {
             return Err(dead());
         }
-        let mut out: Vec<HoleRow> = st.holes.values().filter(|h| h.open).copied().collect();
+        let mut out: Vec<HoleRow> = st.rows.holes.values().filter(|h| h.open).copied().collect();
         out.sort_by_key(|h| h.first_sequence);
         Ok(out)
     }
@@ -369,17 +357,18 @@ impl Ledger for SimLedger {
         if st.crashed {
             return Err(dead());
         }
-        Ok(st.high_water)
+        Ok(st.rows.high_water)
     }
 
     async fn trade_sequences(&self, ids: &[u64]) -> Result<Vec<Option<u64>>> {
+        validate_lookup_count("trade", ids.len())?;
         let st = self.state.lock();
         if st.crashed {
             return Err(dead());
         }
         Ok(ids
             .iter()
-            .map(|id| st.trades.get(id).map(|t| t.output_sequence))
+            .map(|id| st.rows.trades.get(id).map(|t| t.output_sequence))
             .collect())
     }
 
@@ -388,7 +377,7 @@ impl Ledger for SimLedger {
         if st.crashed {
             return Err(dead());
         }
-        Ok(st.identity)
+        Ok(st.rows.identity)
     }
 
     async fn claim(&self, expected_epoch: Option<u64>, new: StoreIdentity) -> Result<Claim> {
@@ -396,10 +385,10 @@ impl Ledger for SimLedger {
         if st.crashed {
             return Err(dead());
         }
-        if st.identity.map(|i| i.epoch) != expected_epoch {
-            return Ok(Claim::Lost(st.identity));
+        if st.rows.identity.map(|i| i.epoch) != expected_epoch {
+            return Ok(Claim::Lost(st.rows.identity));
         }
-        st.identity = Some(new);
+        st.rows.identity = Some(new);
         Ok(Claim::Won)
     }
 

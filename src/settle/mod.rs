@@ -108,8 +108,6 @@ pub struct SettlementOptions {
     /// backup): what the store lacks is not re-sent from the WAL; replay the engine's journal
     /// to fill it (`--adopt-store`).
     pub adopt_store: bool,
-    /// See [`PipelineSettings::max_seq_jump`].
-    pub max_seq_jump: u64,
 }
 
 impl SettlementOptions {
@@ -121,7 +119,6 @@ impl SettlementOptions {
             accept_divergence: false,
             new_wal: false,
             adopt_store: false,
-            max_seq_jump: sequence::DEFAULT_MAX_SEQUENCE_JUMP,
         }
     }
 }
@@ -313,8 +310,10 @@ impl Settlement {
             }
         }
         let holes = ledger.open_holes().await?;
-        let sequences = SequenceState::from_store(high_water, &holes, options.max_seq_jump)
-            .map_err(|e| SettleError::Ledger(LedgerError::Other(format!("{store}: {e}"))))?;
+        // The bound is the pipeline's (`PipelineSettings::max_seq_jump`, set by `run`).
+        let sequences =
+            SequenceState::from_store(high_water, &holes, sequence::DEFAULT_MAX_SEQUENCE_JUMP)
+                .map_err(|e| SettleError::Ledger(LedgerError::Other(format!("{store}: {e}"))))?;
         Ok(Settlement {
             wal,
             ledger,
@@ -363,8 +362,7 @@ impl Settlement {
     ) -> Result<Summary, SettleError> {
         settings.max_seq_jump = settings.max_seq_jump.min(sequence::MAX_SEQUENCE_JUMP_LIMIT);
         let mut start = self.start.clone();
-        let sequences = SequenceState::from_parts(&start.sequences, settings.max_seq_jump);
-        start.sequences = sequences;
+        start.sequences = start.sequences.with_max_jump(settings.max_seq_jump);
         let pipeline = pipeline::Pipeline::new(
             self.wal.clone(),
             self.ledger.clone(),

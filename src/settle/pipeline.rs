@@ -31,7 +31,7 @@ use super::event::{parse_event, Event, Rejection};
 use super::sequence::{HoleChanges, Placement, SequenceState, DEFAULT_MAX_SEQUENCE_JUMP};
 use super::trade_ids::TradeIds;
 use super::SettleError;
-use crate::ledger::{BalanceWrite, EntryWrites, Ledger, LedgerError, StoreUrl, MAX_LOOKUP_KEYS};
+use crate::ledger::{BalanceWrite, EntryWrites, Ledger, StoreUrl};
 use crate::wal::{Lsn, Wal};
 
 /// Largest `--batch-max`.
@@ -130,12 +130,12 @@ pub struct Summary {
     pub events: u64,
     /// Events settled (durable in the WAL and acknowledged by the store).
     pub settled: u64,
-    /// Messages skipped as duplicates (a sequence already settled or rejected, or before the
-    /// first one the store accounts for).
+    /// Messages skipped as duplicates (a sequence already settled or rejected).
     pub duplicates: u64,
     /// Messages rejected (invalid, or refused: a withdrawal above the balance).
     pub rejected: u64,
-    /// Gaps seen in the output sequence (each opened a hole).
+    /// Gaps seen in the output sequence, above the highest or below the first (each opened a
+    /// hole).
     pub gaps: u64,
     /// Messages that filled (part of) an open hole.
     pub filled: u64,
@@ -561,20 +561,15 @@ impl Pipeline {
                 self.reject(&m.bytes, &rejection)?;
                 continue;
             };
-            match self.sequences.place(seq) {
+            let placement = self.sequences.place(seq);
+            match placement {
                 Placement::Duplicate => {
                     self.duplicate();
                     continue;
                 }
                 Placement::BeforeFirst { first } => {
                     if seq + 1 < first {
-                        self.summary.gaps += 1;
-                        metrics::counter!("settlement_gaps_total").increment(1);
-                        tracing::warn!(
-                            output_sequence = seq,
-                            first,
-                            "a sequence below the first one accounted for: the sequences between are an open hole"
-                        );
+                        self.gap(seq + 1, first - 1, seq);
                     }
                 }
                 Placement::TooFar { from, max_jump } => {
@@ -591,15 +586,7 @@ impl Pipeline {
                     first_missing,
                     last_missing,
                 } => {
-                    self.summary.gaps += 1;
-                    metrics::counter!("settlement_gaps_total").increment(1);
-                    tracing::warn!(
-                        first_missing,
-                        last_missing,
-                        got = seq,
-                        missing = last_missing - first_missing + 1,
-                        "gap in output_sequence: recorded as an open hole"
-                    );
+                    self.gap(first_missing, last_missing, seq);
                     if self.settings.on_gap == GapPolicy::Halt {
                         halt = Some(SettleError::Gap {
                             first_missing,
@@ -614,7 +601,7 @@ impl Pipeline {
                 }
                 Placement::Next => {}
             }
-            self.sequences.accept(seq, &mut holes);
+            self.sequences.accept(seq, placement, &mut holes);
             accepted += 1;
             match m.event {
                 Err(rejection) => {
@@ -760,27 +747,32 @@ impl Pipeline {
             .collect();
         ask.sort_unstable();
         ask.dedup();
-        let mut found = std::collections::HashMap::new();
-        for chunk in ask.chunks(MAX_LOOKUP_KEYS) {
-            let seqs = self.ledger.trade_sequences(chunk).await?;
-            if seqs.len() != chunk.len() {
-                return Err(SettleError::Ledger(LedgerError::Other(format!(
-                    "the store answered {} of {} trade lookups (a bug in the store implementation)",
-                    seqs.len(),
-                    chunk.len()
-                ))));
-            }
-            found.extend(
-                chunk
-                    .iter()
-                    .zip(seqs)
-                    .filter_map(|(&id, s)| s.map(|s| (id, s))),
-            );
-        }
+        let seqs = super::recovery::read_in_chunks(&ask, "trade lookups", |chunk| {
+            self.ledger.trade_sequences(chunk)
+        })
+        .await?;
+        let found: std::collections::HashMap<u64, u64> = ask
+            .iter()
+            .zip(seqs)
+            .filter_map(|(&id, s)| s.map(|s| (id, s)))
+            .collect();
         if !ask.is_empty() {
             metrics::counter!("settlement_trade_id_lookups_total").increment(ask.len() as u64);
         }
         Ok(found)
+    }
+
+    /// Counts and logs a gap: `first_missing..=last_missing` become an open hole.
+    fn gap(&mut self, first_missing: u64, last_missing: u64, got: u64) {
+        self.summary.gaps += 1;
+        metrics::counter!("settlement_gaps_total").increment(1);
+        tracing::warn!(
+            first_missing,
+            last_missing,
+            got,
+            missing = last_missing - first_missing + 1,
+            "gap in output_sequence: recorded as an open hole"
+        );
     }
 
     fn duplicate(&mut self) {

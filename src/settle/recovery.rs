@@ -254,7 +254,7 @@ async fn read_balance_rows(
 
 /// One answer per key, asking `read` for [`RECOVERY_LOOKUP_KEYS`] keys at a time; a store
 /// that answers a call with the wrong number of values is an error (`what` names the reads).
-async fn read_in_chunks<'a, K, V, F, Fut>(
+pub(crate) async fn read_in_chunks<'a, K, V, F, Fut>(
     keys: &'a [K],
     what: &str,
     read: F,
@@ -518,7 +518,7 @@ async fn complete_torn_batch(
                 tracing::error!(lsn, output_sequence = seq, "a torn batch's entry whose sequence the store already accounts for; left as it is");
                 continue;
             }
-            _ => state.accept(seq, &mut changes),
+            placement => state.accept(seq, placement, &mut changes),
         }
         if let Event::Trade(t) = &e.event {
             max_trade_id = max_trade_id.max(t.trade_id);
@@ -555,26 +555,14 @@ pub async fn recover(
 ) -> Result<RecoveryReport, SettleError> {
     let started = Instant::now();
     let pending = tokio::task::block_in_place(|| wal.pending())?;
-    let mut report = RecoveryReport {
-        pending: pending.len(),
-        ..RecoveryReport::default()
-    };
     if pending.is_empty() {
-        return Ok(report);
+        return Ok(RecoveryReport::default());
     }
     tracing::info!(
         pending = pending.len(),
         "recovery: verifying pending WAL entries against the store"
     );
-    let resent = resend(ledger, &pending, accept_divergence).await?;
-    report.plan_ms = resent.plan_ms;
-    report.applied = resent.applied;
-    report.partial = resent.partial;
-    report.missing = resent.missing;
-    report.diverged = resent.diverged;
-    report.superseded_rows = resent.superseded_rows;
-    report.resent_rows = resent.resent_rows;
-    report.written_rows = resent.written_rows;
+    let mut report = resend(ledger, &pending, accept_divergence).await?;
     // Before the markers: a batch whose control entry did not reach the WAL (a crash in the
     // middle of its append) gets its bookkeeping now, or its events would not count as settled.
     report.torn_batch_entries = complete_torn_batch(ledger, &pending).await?;

@@ -141,12 +141,14 @@ impl SequenceState {
         Ok(state)
     }
 
-    /// `state` with another `max_jump`.
-    pub fn from_parts(state: &SequenceState, max_jump: u64) -> SequenceState {
-        let mut out = state.clone();
-        assert!((1..=MAX_SEQUENCE_JUMP_LIMIT).contains(&max_jump));
-        out.max_jump = max_jump;
-        out
+    /// The same state with another `max_jump` (1..=[`MAX_SEQUENCE_JUMP_LIMIT`]).
+    pub fn with_max_jump(mut self, max_jump: u64) -> SequenceState {
+        assert!(
+            (1..=MAX_SEQUENCE_JUMP_LIMIT).contains(&max_jump),
+            "max_jump {max_jump} outside 1..=2^40"
+        );
+        self.max_jump = max_jump;
+        self
     }
 
     /// Where `seq` falls (changes nothing).
@@ -187,13 +189,14 @@ impl SequenceState {
         }
     }
 
-    /// Accounts for `seq` (settled or rejected), recording in `changes` the hole rows this
-    /// opens or closes.
+    /// Accounts for `seq` (settled or rejected), whose [`SequenceState::place`] was
+    /// `placement`, recording in `changes` the hole rows this opens or closes.
     ///
     /// # Panics
-    /// If `seq` is a [`Placement::Duplicate`] or [`Placement::TooFar`].
-    pub fn accept(&mut self, seq: u64, changes: &mut HoleChanges) {
-        match self.place(seq) {
+    /// If `placement` is a [`Placement::Duplicate`] or [`Placement::TooFar`].
+    pub fn accept(&mut self, seq: u64, placement: Placement, changes: &mut HoleChanges) {
+        debug_assert_eq!(placement, self.place(seq), "the placement of {seq}");
+        match placement {
             Placement::Next => {}
             Placement::BeforeFirst { first } => {
                 if seq + 1 < first {
@@ -269,7 +272,7 @@ mod tests {
 
     fn accept(state: &mut SequenceState, seq: u64) -> HoleChanges {
         let mut changes = HoleChanges::new();
-        state.accept(seq, &mut changes);
+        state.accept(seq, state.place(seq), &mut changes);
         changes
     }
 
@@ -385,7 +388,7 @@ mod tests {
                     _ => {
                         prop_assert!(!seen.contains(&seq));
                         let mut changes = HoleChanges::new();
-                        s.accept(seq, &mut changes);
+                        s.accept(seq, placement, &mut changes);
                         table.extend(changes);
                         seen.insert(seq);
                     }

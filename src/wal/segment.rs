@@ -349,7 +349,7 @@ fn map_writable(file: &File, path: &Path) -> Result<MmapRaw> {
         .map_raw(file)
         .map_err(|e| WalError::io("mapping segment", path, e))?;
     // Without readahead each first touch faults in one 4 KiB page, and msync writes back little
-    // more than the dirtied pages (see MEASUREMENTS.md: large readahead folios made every msync
+    // more than the dirtied pages (see docs/benchmarks.md: large readahead folios made every msync
     // write ~200 KiB to 1 MiB).
     map.advise(Advice::Random)
         .map_err(|e| WalError::io("advising mapping of", path, e))?;
