@@ -441,10 +441,13 @@ fn check_binding(
 ///
 /// First the restored store is audited as it is (one full read; adopting is rare):
 /// - consistent (a backup taken between batches, as the embedded store's always are): when the
-///   WAL still holds every entry above the store's high-water, they are classified and re-sent
-///   as recovery does (idempotent) and the store is whole again; when a checkpoint removed some,
-///   nothing is re-sent (a suffix without the entries before it would skip sequences) and the
-///   engine's journal settles what the backup lacks;
+///   WAL still holds every entry above the store's high-water, every entry it holds is
+///   classified and re-sent as recovery does (idempotent: only what is missing is written) and
+///   the store is whole again; when a checkpoint removed some, nothing is re-sent (a suffix
+///   without the entries before it would skip sequences) and the engine's journal settles what
+///   the backup lacks. A partial entry below the high-water that the WAL no longer holds
+///   cannot be told from a consistent store: back up between batches (the embedded store always
+///   is) or keep the WAL's segments as long as the backups;
 /// - inconsistent (a backup taken in the middle of UNLOGGED batches holds partial entries, even
 ///   below its high-water): only a WAL that still holds its whole history can repair it, by
 ///   re-sending every entry (idempotent) and auditing again; otherwise it is refused before
@@ -481,7 +484,10 @@ async fn adopt(
             );
             return Ok(());
         }
-        entries.retain(|e| e.lsn > store_lsn);
+        // Every retained entry, not only those above the high-water: a passing audit does not
+        // prove the backup holds no partial entry below it (an apply whose high-water row landed
+        // while the rows of a hole's fill did not looks like a consistent store with that hole
+        // still open). Classification re-sends only what is missing.
     } else if !whole_history {
         return Err(mismatch(format!(
             "cannot adopt {store}: the restored store is inconsistent (a backup taken in the middle of a batch: {} problem(s), the first: {}), and this WAL no longer holds its whole history (it starts at LSN {oldest}) to repair it. Restore a backup taken while no batch was being written, or rebuild the store from the engine's journal into a new store",
