@@ -274,6 +274,10 @@ async fn run_seed(seed: u64) -> u64 {
     restarts
 }
 
+/// A backup whose high-water row landed without a hole fill's rows, adopted: the fill was
+/// settled twice when adopting re-sent only the entries above the high-water.
+const REGRESSION_SEEDS: [u64; 1] = [134_896_353];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulation_over_many_seeds() {
     if let Ok(one) = std::env::var("SIM_SEED") {
@@ -285,6 +289,12 @@ async fn simulation_over_many_seeds() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
+    // Seeds that once failed, run every time before the random ones.
+    for s in REGRESSION_SEEDS {
+        if let Err(e) = tokio::spawn(run_seed(s)).await {
+            panic!("regression seed {s} failed (replay with SIM_SEED={s}): {e}");
+        }
+    }
     let base = Rng::seed_from_env("SIM_BASE_SEED") % 1_000_000_007;
     eprintln!("simulating {seeds} seeds from {base} (replay one with SIM_SEED=<seed>)");
     let mut crashes = 0;
